@@ -1,0 +1,232 @@
+"""The gRPC client of IngestService behind `clisonix stream`: paces a source's blocks, streams them as chunks,
+keeps every unacked chunk, and after a broken connection or an ingest restart resends them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from clisonix.signal.v1 import signal_pb2, signal_pb2_grpc
+from services.ingest.chunks import SampleBlock, to_chunk
+
+log = logging.getLogger(__name__)
+
+# Status codes after which reconnecting and resending can succeed.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+@dataclass
+class StreamProgress:
+    """What a streaming run has done so far; `ack_latencies_s` keeps the most recent acks' latencies."""
+
+    started: float = field(default_factory=time.monotonic)
+    chunks_sent: int = 0
+    chunks_acked: int = 0
+    samples_acked: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    reconnects: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+    ack_latencies_s: list[float] = field(default_factory=list)
+    last_session_id: str = ""
+
+    def latency_percentiles_ms(self) -> tuple[float, float]:
+        """p50 and p99 ack latency in milliseconds over the kept acks (0, 0 before any ack)."""
+        if not self.ack_latencies_s:
+            return 0.0, 0.0
+        p50, p99 = np.percentile(np.asarray(self.ack_latencies_s), [50, 99]) * 1000
+        return float(p50), float(p99)
+
+    def samples_per_second(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.samples_acked / elapsed if elapsed > 0 else 0.0
+
+
+class StreamClient:
+    """Streams blocks to an ingest server and returns once every chunk is acknowledged or rejected.
+
+    target: "host:port". session_id / subject_id: sent as they are; ingest pseudonymises them.
+    speed: replay pace relative to real time (1.0 real time, 10.0 ten times faster); None sends as fast as
+    acks allow (live sources pace themselves). max_unacked: chunks in flight before waiting for acks.
+    token: bearer token, when ingest requires one. root_certificates: PEM of the CA for TLS (None: plaintext).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        session_id: str,
+        subject_id: str = "",
+        speed: float | None = 1.0,
+        max_unacked: int = 32,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        reconnect_delay_s: float = 0.2,
+        max_reconnect_delay_s: float = 5.0,
+        give_up_after_s: float = 120.0,
+        keep_latencies: int = 100_000,
+    ) -> None:
+        self.target = target
+        self.session_id = session_id
+        self.subject_id = subject_id
+        self.speed = speed
+        self.max_unacked = max_unacked
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.root_certificates = root_certificates
+        self.reconnect_delay_s = reconnect_delay_s
+        self.max_reconnect_delay_s = max_reconnect_delay_s
+        self.give_up_after_s = give_up_after_s
+        self.keep_latencies = keep_latencies
+        self.progress = StreamProgress()
+        # Sent but not acknowledged, in send order: resent after a reconnect.
+        self.unacked: OrderedDict[tuple[str, int], tuple[signal_pb2.SignalChunk, float]] = OrderedDict()
+        self._sequences: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+        self._source_done = False
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self.root_certificates is None:
+            return grpc.aio.insecure_channel(self.target)
+        return grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(self.root_certificates))
+
+    def chunk_of(self, block: SampleBlock) -> signal_pb2.SignalChunk:
+        """The next chunk of the block's stream (sequence numbers per stream, from 0)."""
+        stream_id = block.spec.stream_id
+        sequence = self._sequences.get(stream_id, 0)
+        self._sequences[stream_id] = sequence + 1
+        return to_chunk(block, self.session_id, sequence, self.subject_id)
+
+    async def _paced_chunks(self, blocks: Iterator[SampleBlock], queue: asyncio.Queue[object]) -> None:
+        """Reads blocks (in a thread: file and device reads block) and queues chunks when they are due."""
+        wall_start: float | None = None
+        source_start = 0.0
+        try:
+            while True:
+                block = await asyncio.to_thread(next, blocks, None)
+                if block is None:
+                    break
+                if self.speed is not None:
+                    # A block exists once its last sample does: send it at its end time, scaled by speed.
+                    end = block.first_sample_time_s + block.duration_s
+                    if wall_start is None:
+                        wall_start, source_start = time.monotonic(), block.first_sample_time_s
+                    delay = wall_start + (end - source_start) / self.speed - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await queue.put(self.chunk_of(block))
+        finally:
+            await queue.put(None)
+
+    async def run(
+        self,
+        blocks: Iterator[SampleBlock],
+        on_progress: Callable[[StreamProgress], None] | None = None,
+    ) -> StreamProgress:
+        """Streams every block; returns the final progress. Raises grpc.aio.AioRpcError on non-retryable
+        errors (e.g. UNAUTHENTICATED) or when no connection succeeds for `give_up_after_s`.
+        """
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=self.max_unacked)
+        reader = asyncio.create_task(self._paced_chunks(blocks, queue))
+        delay = self.reconnect_delay_s
+        failing_since: float | None = None
+        try:
+            while not (self._source_done and not self.unacked):
+                try:
+                    await self._one_call(queue, on_progress)
+                    failing_since = None
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RETRYABLE:
+                        raise
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if now - failing_since > self.give_up_after_s:
+                        raise
+                    self.progress.reconnects += 1
+                    log.warning(
+                        "ingest call ended; reconnecting",
+                        extra={"fields": {"code": exc.code().name, "unacked": len(self.unacked)}},
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_reconnect_delay_s)
+                    continue
+                delay = self.reconnect_delay_s
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        return self.progress
+
+    async def _requests(self, queue: asyncio.Queue[object]) -> AsyncIterator[signal_pb2.SignalChunk]:
+        # First everything the previous call left unacknowledged, in order; then new chunks.
+        for chunk, _ in list(self.unacked.values()):
+            yield chunk
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.unacked) < self.max_unacked or self._source_done)
+            if self._source_done:
+                break
+            item = await queue.get()
+            if item is None:
+                self._source_done = True
+                break
+            assert isinstance(item, signal_pb2.SignalChunk)
+            self.unacked[(item.stream_id, item.sequence)] = (item, time.monotonic())
+            self.progress.chunks_sent += 1
+            yield item
+        # Half-close only once everything is answered, so the call stays open for the last acks.
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self.unacked)
+
+    async def _one_call(
+        self, queue: asyncio.Queue[object], on_progress: Callable[[StreamProgress], None] | None
+    ) -> None:
+        async with self._channel() as channel:
+            stub = signal_pb2_grpc.IngestServiceStub(channel)
+            call = stub.Stream(self._requests(queue), metadata=self.metadata)
+            async for ack in call:
+                self._on_ack(ack)
+                async with self._changed:
+                    self._changed.notify_all()
+                if on_progress is not None:
+                    on_progress(self.progress)
+
+    def _on_ack(self, ack: signal_pb2.IngestAck) -> None:
+        entry = self.unacked.pop((ack.stream_id, ack.sequence), None)
+        if entry is None:
+            return
+        chunk, sent_at = entry
+        progress = self.progress
+        if ack.status == signal_pb2.ACK_STATUS_REJECTED:
+            progress.rejected += 1
+            name = grpc.StatusCode.UNKNOWN.name
+            for code in grpc.StatusCode:
+                if code.value[0] == ack.code:
+                    name = code.name
+            progress.rejections[name] = progress.rejections.get(name, 0) + 1
+            log.warning("chunk rejected", extra={"fields": {"stream": ack.stream_id, "code": name}})
+            return
+        if ack.status == signal_pb2.ACK_STATUS_DUPLICATE:
+            progress.duplicates += 1
+        progress.chunks_acked += 1
+        progress.samples_acked += chunk.sample_count
+        progress.last_session_id = ack.session_id or progress.last_session_id
+        progress.ack_latencies_s.append(time.monotonic() - sent_at)
+        if len(progress.ack_latencies_s) > self.keep_latencies:
+            del progress.ack_latencies_s[: self.keep_latencies // 2]
