@@ -1,0 +1,292 @@
+"""The `clisonix` command: run the platform on one machine, stream sources into it, benchmark it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from services.common.logs import configure_logging
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RECORD = REPO / "data" / "wfdb" / "100"
+
+
+def _stream_kinds() -> str:
+    return "synthetic, wfdb:PATH, edf:PATH (EDF+/BDF), xdf:PATH, lsl:NAME (or lsl:type=EEG), brainflow[:BOARD]"
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Runs the embedded broker in the foreground until Ctrl-C."""
+    from services.common.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port=args.port, host=args.host) as broker:
+        print(f"embedded Kafka-protocol broker on {broker.bootstrap_servers} (memory only); Ctrl-C stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            while broker.process is not None and broker.process.poll() is None:
+                time.sleep(0.5)
+    return 0
+
+
+class Platform:
+    """The embedded broker (unless an external one is given) and the services, started in order."""
+
+    def __init__(self, bootstrap_servers: str | None, services: list[str], log_dir: Path) -> None:
+        self.external_bootstrap = bootstrap_servers
+        self.services = services
+        self.log_dir = log_dir
+        self.broker = None
+        self.processes: list = []
+
+    def start(self) -> Platform:
+        from services.common.broker import EmbeddedBroker
+        from services.processes import DEFAULT_PORTS, ServiceProcess, local_environment
+
+        bootstrap = self.external_bootstrap
+        if bootstrap is None:
+            self.broker = EmbeddedBroker(port=9092, log_path=self.log_dir / "broker.log").start()
+            bootstrap = self.broker.bootstrap_servers
+        env = local_environment(bootstrap)
+        for name in self.services:
+            grpc_port, metrics_port = DEFAULT_PORTS[name]
+            process = ServiceProcess(name, grpc_port, metrics_port, env, self.log_dir / f"{name}.log")
+            self.processes.append(process)
+            process.start()
+        self.bootstrap_servers = bootstrap
+        return self
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def describe(self) -> str:
+        lines = [f"  kafka      {self.bootstrap_servers}" + (" (embedded, memory only)" if self.broker else "")]
+        for process in self.processes:
+            lines.append(
+                f"  {process.name:<10} grpc 127.0.0.1:{process.grpc_port}  "
+                f"metrics http://127.0.0.1:{process.metrics_port}/metrics"
+            )
+        lines.append(f"  logs       {self.log_dir}")
+        return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Starts broker and services on the default ports and keeps them up until Ctrl-C."""
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="clisonix-"))
+    platform = Platform(args.bootstrap_servers, args.services, log_dir)
+    try:
+        platform.start()
+        print("clisonix is up:\n" + platform.describe() + "\nCtrl-C stops everything.", flush=True)
+        while all(p.process.poll() is None for p in platform.processes):
+            time.sleep(0.5)
+        print("a service exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        platform.stop()
+
+
+def _format_progress(progress, label: str) -> str:
+    p50, p99 = progress.latency_percentiles_ms()
+    return (
+        f"{label}: {progress.chunks_acked} chunks acked ({progress.duplicates} duplicate), "
+        f"{progress.samples_per_second():,.0f} samples/s, ack latency p50 {p50:.1f} ms p99 {p99:.1f} ms, "
+        f"{progress.rejected} rejected, {progress.reconnects} reconnects"
+    )
+
+
+async def stream_source(args: argparse.Namespace, label: str) -> int:
+    """Streams one source to ingest with a live progress line; returns an exit code."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from services.ingest.client import StreamClient
+    from services.ingest.sources import open_source
+
+    options = {}
+    if args.duration is not None:
+        options["duration_s"] = args.duration
+    source = open_source(args.source, **options)
+    root_certificates = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    client = StreamClient(
+        args.to,
+        session_id=args.session or f"session-{uuid.uuid4().hex[:12]}",
+        subject_id=args.subject or "",
+        speed=None if args.speed <= 0 else args.speed,
+        token=args.token or os.environ.get("CLISONIX_AUTH_TOKEN") or None,
+        root_certificates=root_certificates,
+    )
+    console = Console(stderr=False)
+    try:
+        blocks = source.blocks()
+        if console.is_terminal:
+            with Live(console=console, refresh_per_second=4) as live:
+                progress = await client.run(blocks, lambda p: live.update(_format_progress(p, label)))
+        else:
+            last = [0.0]
+
+            def every_second(p) -> None:
+                if time.monotonic() - last[0] >= 1.0:
+                    last[0] = time.monotonic()
+                    print(_format_progress(p, label), flush=True)
+
+            progress = await client.run(blocks, every_second)
+    finally:
+        source.close()
+    print(_format_progress(progress, label + " done"), flush=True)
+    if progress.last_session_id:
+        print(f"pseudonymised session id: {progress.last_session_id}")
+    return 0 if progress.rejected == 0 else 3
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Streams a source to an ingest server."""
+    return asyncio.run(stream_source(args, args.source))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Brings the platform up, replays a real ECG recording through it with live progress, stops it."""
+    log_dir = Path(tempfile.mkdtemp(prefix="clisonix-demo-"))
+    platform = Platform(None, ["ingest"], log_dir)
+    print("starting the embedded broker and the services ...", flush=True)
+    platform.start()
+    try:
+        print("clisonix is up:\n" + platform.describe(), flush=True)
+        print(
+            f"replaying MIT-BIH Arrhythmia Database record 100 (2 ECG leads at 360 Hz) at {args.speed:g}x real time"
+            f" for {args.duration:g} s of recording",
+            flush=True,
+        )
+        stream_args = argparse.Namespace(
+            source=f"wfdb:{DEMO_RECORD}",
+            to="127.0.0.1:50051",
+            session=None,
+            subject="mitdb-100",
+            speed=args.speed,
+            duration=args.duration,
+            token=None,
+            tls_ca=None,
+        )
+        return asyncio.run(stream_source(stream_args, "demo"))
+    finally:
+        platform.stop()
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """Runs one service in the foreground (as `python -m services.<name>`)."""
+    import runpy
+
+    sys.argv = [f"services.{args.name}"]
+    runpy.run_module(f"services.{args.name}", run_name="__main__")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs a benchmark and prints its figures and ratios."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import ingest as ingest_bench
+
+    return ingest_bench.main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clisonix",
+        description="Clisonix: real-time, energy-efficient biosignal AI. Streams EEG, ECG, PPG, audio and "
+        "other biosignals through gRPC ingestion into Kafka, with measured latency and energy.",
+    )
+    parser.add_argument("--log-level", default="WARNING", help="log level of this command (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    broker = sub.add_parser(
+        "broker",
+        help="run the embedded Kafka-protocol broker (memory only)",
+        description="Runs the embedded Kafka-protocol broker on loopback until Ctrl-C.",
+    )
+    broker.add_argument("--port", type=int, default=9092, help="Kafka port (default 9092)")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    broker.set_defaults(func=cmd_broker)
+
+    from services.processes import SERVICES
+
+    up = sub.add_parser(
+        "up",
+        help="start the broker and every service on the default ports",
+        description="Starts the embedded broker and the services on their default ports "
+        "(ingest gRPC 50051, metrics 9101) and keeps them up until Ctrl-C.",
+    )
+    up.add_argument("--bootstrap-servers", help="use this Kafka instead of starting the embedded broker")
+    up.add_argument("--services", nargs="+", default=list(SERVICES), choices=SERVICES, help="services to start")
+    up.add_argument("--log-dir", help="where service logs go (default: a new temporary folder)")
+    up.set_defaults(func=cmd_up)
+
+    stream = sub.add_parser(
+        "stream",
+        help="stream a device or recording to ingest",
+        description=f"Streams a source to an ingest server. Sources: {_stream_kinds()}.",
+    )
+    stream.add_argument("--source", required=True, metavar="KIND[:PATH]", help=_stream_kinds())
+    stream.add_argument("--to", default="127.0.0.1:50051", metavar="HOST:PORT", help="ingest address")
+    stream.add_argument("--session", help="session id (pseudonymised by ingest; default: a random one)")
+    stream.add_argument("--subject", help="subject id (pseudonymised by ingest before anything is stored)")
+    stream.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="replay speed for files and synthetic data; 0 sends as fast as acks allow",
+    )
+    stream.add_argument("--duration", type=float, help="stop after this many seconds of signal")
+    stream.add_argument("--token", help="bearer token (default: $CLISONIX_AUTH_TOKEN)")
+    stream.add_argument("--tls-ca", help="PEM file of the CA that signed the server certificate (enables TLS)")
+    stream.set_defaults(func=cmd_stream)
+
+    demo = sub.add_parser(
+        "demo",
+        help="bring everything up and replay a real recording through it",
+        description="Starts the platform, replays MIT-BIH record 100 through ingest with "
+        "live progress (chunks acked, samples/s, ack latency), then stops.",
+    )
+    demo.add_argument("--speed", type=float, default=60.0, help="replay speed (default 60x real time)")
+    demo.add_argument("--duration", type=float, default=600.0, help="seconds of recording to replay (default 600)")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark (ingest)",
+        description="Benchmarks, printing figures and ratios measured side by side in one run.",
+    )
+    bench.add_argument("name", choices=["ingest"], help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    bench.set_defaults(func=cmd_bench)
+
+    for name in SERVICES:
+        service = sub.add_parser(
+            name,
+            help=f"run the {name} service in the foreground",
+            description=f"Runs the {name} service, configured from CLISONIX_* variables.",
+        )
+        service.set_defaults(func=cmd_service, name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging("cli", args.log_level, "text")
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
