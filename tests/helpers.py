@@ -88,10 +88,11 @@ async def read_all(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) 
             for batch in batches.values():
                 records.extend(batch)
             partitions = consumer.assignment()
-            highwaters = {tp: consumer.highwater(tp) for tp in partitions}
-            if partitions and all(
-                hw is not None and await consumer.position(tp) >= hw for tp, hw in highwaters.items()
-            ):
+            caught_up = bool(partitions)
+            for tp in partitions:
+                highwater = consumer.highwater(tp)
+                caught_up = caught_up and highwater is not None and await consumer.position(tp) >= highwater
+            if caught_up:
                 return records
             if time.monotonic() > deadline:
                 raise AssertionError(f"{topic}: did not reach the highwater of every partition in {timeout_s} s")
