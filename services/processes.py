@@ -98,6 +98,9 @@ def local_environment(bootstrap_servers: str) -> dict[str, str]:
     env = {
         "CLISONIX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
         "CLISONIX_LOG_FORMAT": os.environ.get("CLISONIX_LOG_FORMAT", "text"),
+        # One machine: listen on loopback only unless told otherwise.
+        "CLISONIX_GRPC_HOST": os.environ.get("CLISONIX_GRPC_HOST", "127.0.0.1"),
+        "CLISONIX_METRICS_HOST": os.environ.get("CLISONIX_METRICS_HOST", "127.0.0.1"),
     }
     if not os.environ.get("CLISONIX_PSEUDONYM_KEY"):
         env["CLISONIX_PSEUDONYM_KEY"] = secrets.token_hex(32)

@@ -29,8 +29,9 @@ def make_blocks(count: int, specs: tuple[StreamSpec, ...] = (EEG,), samples: int
             yield SampleBlock(spec, index * samples / spec.nominal_rate_hz, block_samples(spec, index, samples))
 
 
-def make_chunk(sequence: int = 0, spec: StreamSpec = EEG, session: str = "session-a", subject: str = "subject-a",
-               samples: int = 50) -> signal_pb2.SignalChunk:
+def make_chunk(
+    sequence: int = 0, spec: StreamSpec = EEG, session: str = "session-a", subject: str = "subject-a", samples: int = 50
+) -> signal_pb2.SignalChunk:
     """A valid chunk of `spec` with deterministic samples."""
     block = SampleBlock(spec, sequence * samples / spec.nominal_rate_hz, block_samples(spec, sequence, samples))
     return to_chunk(block, session, sequence, subject)
@@ -53,8 +54,12 @@ async def read_topic(
 ) -> list[ConsumerRecord]:
     """Reads `topic` from the beginning with a plain aiokafka consumer until `done(records)` holds."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False,
-        fetch_max_wait_ms=5, group_id=None,
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=5,
+        group_id=None,
     )
     await consumer.start()
     records: list[ConsumerRecord] = []
@@ -76,8 +81,12 @@ async def read_all(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) 
     (the embedded broker's ListOffsets answer is wrong after multi-record batches, the fetch highwater is not).
     """
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False,
-        fetch_max_wait_ms=5, group_id=None,
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=5,
+        group_id=None,
     )
     await consumer.start()
     records: list[ConsumerRecord] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -81,6 +82,11 @@ class IngestServicer(signal_pb2_grpc.IngestServiceServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+            # Answers nobody will send: the client resends those chunks and gets them from the book.
+            while not answers.empty():
+                left = answers.get_nowait()
+                if inspect.iscoroutine(left):
+                    left.close()
             self._calls.discard(reader)
             if not self._calls:
                 self._idle.set()

@@ -144,12 +144,13 @@ class StreamClient:
         """
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=self.max_unacked)
         reader = asyncio.create_task(self._paced_chunks(blocks, queue))
+        feeder = asyncio.create_task(self._feed(queue))
         delay = self.reconnect_delay_s
         failing_since: float | None = None
         try:
             while not (self._source_done and not self.unacked):
                 try:
-                    await self._one_call(queue, on_progress)
+                    await self._one_call(on_progress)
                     failing_since = None
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in RETRYABLE:
@@ -168,38 +169,52 @@ class StreamClient:
                     continue
                 delay = self.reconnect_delay_s
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for task in (feeder, reader):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         return self.progress
 
-    async def _requests(self, queue: asyncio.Queue[object]) -> AsyncIterator[signal_pb2.SignalChunk]:
-        # First everything the previous call left unacknowledged, in order; then new chunks.
-        for chunk, _ in list(self.unacked.values()):
-            yield chunk
+    async def _feed(self, queue: asyncio.Queue[object]) -> None:
+        """Moves due chunks into `unacked` while fewer than max_unacked are waiting for their acks."""
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: len(self.unacked) < self.max_unacked or self._source_done)
-            if self._source_done:
-                break
+                await self._changed.wait_for(lambda: len(self.unacked) < self.max_unacked)
             item = await queue.get()
+            async with self._changed:
+                if item is None:
+                    self._source_done = True
+                else:
+                    assert isinstance(item, signal_pb2.SignalChunk)
+                    self.unacked[(item.stream_id, item.sequence)] = (item, time.monotonic())
+                    self.progress.chunks_sent += 1
+                self._changed.notify_all()
             if item is None:
-                self._source_done = True
-                break
-            assert isinstance(item, signal_pb2.SignalChunk)
-            self.unacked[(item.stream_id, item.sequence)] = (item, time.monotonic())
-            self.progress.chunks_sent += 1
-            yield item
-        # Half-close only once everything is answered, so the call stays open for the last acks.
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self.unacked)
+                return
 
-    async def _one_call(
-        self, queue: asyncio.Queue[object], on_progress: Callable[[StreamProgress], None] | None
-    ) -> None:
+    async def _requests(self) -> AsyncIterator[signal_pb2.SignalChunk]:
+        """One call's requests: every unacked chunk this call has not sent yet, in order, as it appears.
+
+        Chunks left unacked by an earlier call come first; the call half-closes once the source is done
+        and everything is answered, so it stays open for the last acks.
+        """
+        sent: set[tuple[str, int]] = set()
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: any(key not in sent for key in self.unacked) or (self._source_done and not self.unacked)
+                )
+                due = [(key, chunk) for key, (chunk, _) in self.unacked.items() if key not in sent]
+            if not due:
+                return
+            for key, chunk in due:
+                sent.add(key)
+                yield chunk
+
+    async def _one_call(self, on_progress: Callable[[StreamProgress], None] | None) -> None:
         async with self._channel() as channel:
             stub = signal_pb2_grpc.IngestServiceStub(channel)
-            call = stub.Stream(self._requests(queue), metadata=self.metadata)
+            call = stub.Stream(self._requests(), metadata=self.metadata)
             async for ack in call:
                 self._on_ack(ack)
                 async with self._changed:

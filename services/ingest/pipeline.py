@@ -11,6 +11,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter, Histogram
 
 from clisonix.signal.v1 import signal_pb2
@@ -168,6 +169,9 @@ class IngestPipeline:
                 value=value,
                 event_id=f"{chunk.session_id}/{chunk.stream_id}/{chunk.sequence}",
             )
+        except asyncio.CancelledError:
+            self.book.failed(key, chunk.sequence)  # the call ended while Kafka was busy: not written
+            raise
         except KafkaError as exc:
             self.book.failed(key, chunk.sequence)
             raise Unavailable(
@@ -177,19 +181,19 @@ class IngestPipeline:
         self.in_flight[flight_key] = ack_future
         sent = time.perf_counter()
 
-        async def acknowledge() -> signal_pb2.IngestAck:
-            try:
-                metadata = await delivery
-            except KafkaError as exc:
+        # A callback, not a coroutine: the write is accounted for even when the call that sent it is gone.
+        def acknowledge(delivered: asyncio.Future[RecordMetadata]) -> None:
+            self.in_flight.pop(flight_key, None)
+            error = None if delivered.cancelled() else delivered.exception()
+            if delivered.cancelled() or error is not None:
                 self.book.failed(key, chunk.sequence)
-                error = Unavailable(
-                    f"Kafka did not acknowledge the chunk: {type(exc).__name__}", reason="kafka_unavailable"
+                name = "cancelled" if error is None else type(error).__name__
+                ack_future.set_exception(
+                    Unavailable(f"Kafka did not acknowledge the chunk: {name}", reason="kafka_unavailable")
                 )
-                ack_future.set_exception(error)
-                ack_future.exception()  # retrieved here: duplicates waiting on it see it too
-                raise error from exc
-            finally:
-                self.in_flight.pop(flight_key, None)
+                ack_future.exception()  # marks it retrieved: nobody may be waiting any more
+                return
+            metadata = delivered.result()
             done = time.perf_counter()
             self.book.written(key, chunk.sequence, metadata.partition, metadata.offset)
             self._stage.labels(service=self._service, stage="produce").observe(done - sent)
@@ -198,19 +202,20 @@ class IngestPipeline:
             self.ingest_metrics.samples_in_total.labels(modality=modality).inc(chunk.sample_count)
             self.metrics.records_out_total.labels(service=self._service, topic=self.settings.topic_raw).inc()
             state = self.book.state(key)
-            ack = signal_pb2.IngestAck(
-                stream_id=chunk.stream_id,
-                sequence=chunk.sequence,
-                status=signal_pb2.ACK_STATUS_ACCEPTED,
-                partition=metadata.partition,
-                offset=metadata.offset,
-                session_id=chunk.session_id,
-                gaps_total=state.gaps_total if state else 0,
+            ack_future.set_result(
+                signal_pb2.IngestAck(
+                    stream_id=chunk.stream_id,
+                    sequence=chunk.sequence,
+                    status=signal_pb2.ACK_STATUS_ACCEPTED,
+                    partition=metadata.partition,
+                    offset=metadata.offset,
+                    session_id=chunk.session_id,
+                    gaps_total=state.gaps_total if state else 0,
+                )
             )
-            ack_future.set_result(ack)
-            return ack
 
-        return acknowledge()
+        delivery.add_done_callback(acknowledge)
+        return ack_future
 
     def _duplicate_ack(
         self,
@@ -222,6 +227,9 @@ class IngestPipeline:
 
         async def answer() -> signal_pb2.IngestAck:
             where = location
+            if where is None and earlier is None:
+                # Admitted by a call that has not handed it to Kafka yet: not written, so no ack.
+                raise Unavailable("an earlier copy of this chunk is still being written", reason="write_pending")
             if where is None and earlier is not None:
                 first = await asyncio.shield(earlier)
                 where = (first.partition, first.offset)

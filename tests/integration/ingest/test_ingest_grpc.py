@@ -97,8 +97,12 @@ def bad_chunks() -> list[tuple[str, signal_pb2.SignalChunk, grpc.StatusCode]]:
     case("missing session", session_id="")
     case("float32 with gains", channel_gain=[1.0, 1.0], channel_offset=[0.0, 0.0])
     case("unspecified format", sample_format=signal_pb2.SAMPLE_FORMAT_UNSPECIFIED)
-    case("chunk over the size limit", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-         samples=b"\0" * 8 * 40_000, sample_count=40_000)
+    case(
+        "chunk over the size limit",
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        samples=b"\0" * 8 * 40_000,
+        sample_count=40_000,
+    )
     return cases
 
 
@@ -156,8 +160,11 @@ async def test_duplicates_are_dropped_and_answered_with_the_first_write(ingest_s
     async with channel:
         acks = await stream_all(stub, [make_chunk(0), make_chunk(1), make_chunk(1), make_chunk(0), make_chunk(2)])
     assert [a.status for a in acks] == [
-        signal_pb2.ACK_STATUS_ACCEPTED, signal_pb2.ACK_STATUS_ACCEPTED, signal_pb2.ACK_STATUS_DUPLICATE,
-        signal_pb2.ACK_STATUS_DUPLICATE, signal_pb2.ACK_STATUS_ACCEPTED,
+        signal_pb2.ACK_STATUS_ACCEPTED,
+        signal_pb2.ACK_STATUS_ACCEPTED,
+        signal_pb2.ACK_STATUS_DUPLICATE,
+        signal_pb2.ACK_STATUS_DUPLICATE,
+        signal_pb2.ACK_STATUS_ACCEPTED,
     ]
     assert (acks[2].partition, acks[2].offset) == (acks[1].partition, acks[1].offset)
     assert (acks[3].partition, acks[3].offset) == (acks[0].partition, acks[0].offset)
@@ -245,6 +252,10 @@ async def test_client_streams_several_streams_with_every_sample_on_kafka(ingest_
     # One session, one key, one partition: per-stream order on Kafka is the send order.
     assert len({r.partition for r in records}) == 1
     for spec in (EEG, ECG):
-        sequences = [c.sequence for r in records for c in [decode_event(signal_pb2.SignalChunk, r.value, r.headers)[0]]
-                     if c.stream_id == spec.stream_id]
+        sequences = [
+            c.sequence
+            for r in records
+            for c in [decode_event(signal_pb2.SignalChunk, r.value, r.headers)[0]]
+            if c.stream_id == spec.stream_id
+        ]
         assert sequences == sorted(sequences)

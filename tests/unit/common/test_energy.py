@@ -142,9 +142,7 @@ def test_rapl_wraparound_gives_positive_delta(powercap: Path) -> None:
     assert meter.read().joules == pytest.approx(1.7)
 
 
-def test_missing_tree_falls_back_to_estimate_under_auto(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_tree_falls_back_to_estimate_under_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails: no NVML either
     meter = EnergyMeter(powercap_root=tmp_path / "absent")
     assert meter.source == "estimate"

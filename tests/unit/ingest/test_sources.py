@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import uuid
+import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +32,14 @@ DATA = Path(__file__).resolve().parents[3] / "data"
 WFDB = DATA / "wfdb"
 XDF = DATA / "xdf"
 XDF_FLAGS = {"synchronize_clocks": False, "dejitter_timestamps": False, "handle_clock_resets": False}
+
+
+def import_wfdb() -> Any:
+    """wfdb, without the pandas deprecation warning its import raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import wfdb
+    return wfdb
 
 
 def by_stream(blocks: list[SampleBlock]) -> dict[str, list[SampleBlock]]:
@@ -144,8 +155,7 @@ def test_synthetic_endless_and_bad_arguments() -> None:
 
 
 def test_wfdb_100_reconstructs_wfdb_physical_values() -> None:
-    import wfdb
-
+    wfdb = import_wfdb()
     src = WfdbSource(WFDB / "100")
     (spec,) = src.specs()
     assert spec.modality == signal_pb2.MODALITY_ECG
@@ -165,8 +175,7 @@ def test_wfdb_100_reconstructs_wfdb_physical_values() -> None:
 
 
 def test_wfdb_v102s_maps_modalities_and_marks_missing_samples() -> None:
-    import wfdb
-
+    wfdb = import_wfdb()
     src = WfdbSource(str(WFDB / "v102s") + ".hea")
     specs = {s.modality: s for s in src.specs()}
     assert set(specs) == {signal_pb2.MODALITY_ECG, signal_pb2.MODALITY_PPG, signal_pb2.MODALITY_RESPIRATION}
@@ -186,8 +195,7 @@ def test_wfdb_v102s_maps_modalities_and_marks_missing_samples() -> None:
 
 
 def test_wfdb_mixedsignals_gives_one_stream_per_rate() -> None:
-    import wfdb
-
+    wfdb = import_wfdb()
     src = WfdbSource(WFDB / "mixedsignals")
     specs = src.specs()
     frame_rate = 62.4725
@@ -251,6 +259,7 @@ def test_edf_and_bdf_replay(tmp_path: Path, bdf: bool) -> None:
     write_test_edf(path, bdf=bdf)
     expected = edf_readback(path)
     with open_source(f"{'bdf' if bdf else 'edf'}:{path}") as src:
+        assert isinstance(src, EdfSource)
         specs = {s.modality: s for s in src.specs()}
         assert set(specs) == {signal_pb2.MODALITY_EEG, signal_pb2.MODALITY_ECG}
         assert specs[signal_pb2.MODALITY_EEG].channel_names == ("EEG Fz", "EEG Cz")
@@ -258,6 +267,8 @@ def test_edf_and_bdf_replay(tmp_path: Path, bdf: bool) -> None:
         assert specs[signal_pb2.MODALITY_ECG].nominal_rate_hz == 128.0
         assert specs[signal_pb2.MODALITY_ECG].channel_units == ("mV",)
         blocks = list(src.blocks())
+    with open_source(f"{'bdf' if bdf else 'edf'}:{path}", duration_s=1.5) as short:
+        assert sum(b.sample_count for b in short.blocks()) == round(1.5 * 256) + round(1.5 * 128)
     starts = [b.first_sample_time_s for b in blocks]
     assert starts == sorted(starts)
     want_dtype = np.float32 if bdf else np.int16
@@ -301,9 +312,14 @@ def test_xdf_clock_resets_keeps_raw_timestamps_and_skips_markers() -> None:
     # a block starts right at the clock reset, so no block straddles it
     reset = int(np.flatnonzero(np.diff(stamps) < 0)[0]) + 1
     assert reset in np.cumsum([0] + [b.sample_count for b in blocks])
-    # before the reset the recorded offset is about -652340 s, after it near 0
-    assert blocks[0].clock_offset_s == pytest.approx(-652340.28, abs=0.01)
-    assert abs(blocks[-1].clock_offset_s) < 1.0
+    # offsets come from the recorded clock measurements on the same side of the reset as the block
+    times, values = np.asarray(eeg["clock_times"]), np.asarray(eeg["clock_values"])
+    cut = int(np.flatnonzero(np.diff(times) < 0)[0]) + 1
+    before, after = blocks[0], blocks[-1]
+    assert before.clock_offset_s == np.interp(before.first_sample_time_s, times[:cut], values[:cut])
+    assert after.clock_offset_s == np.interp(after.first_sample_time_s, times[cut:], values[cut:])
+    assert before.clock_offset_s == pytest.approx(-652340.28, abs=0.01)
+    assert after.clock_offset_s == pytest.approx(1121.17, abs=0.01)
 
 
 def test_xdf_minimal_and_empty_streams_do_not_crash() -> None:
@@ -336,7 +352,7 @@ level = -2
 
 
 @pytest.fixture(scope="module")
-def lsl() -> object:
+def lsl() -> Any:
     """pylsl, restricted to this machine (only effective if liblsl was not used earlier in the process)."""
     import pylsl
 
@@ -347,7 +363,7 @@ def lsl() -> object:
     return pylsl
 
 
-def test_lsl_receives_pushed_samples_in_order(lsl) -> None:  # noqa: ANN001
+def test_lsl_receives_pushed_samples_in_order(lsl: Any) -> None:
     name = f"clisonix-test-{uuid.uuid4().hex}"
     info = lsl.StreamInfo(name, "EEG", 3, 100.0, lsl.cf_float32, name)
     info.set_channel_labels(["Fz", "Cz", "Pz"])
@@ -391,16 +407,29 @@ def test_lsl_receives_pushed_samples_in_order(lsl) -> None:  # noqa: ANN001
         assert block.first_sample_time_s == stamps[index]
         assert math.isfinite(block.clock_offset_s)
         index += block.sample_count
-    del outlet
 
 
-def test_lsl_errors_for_missing_and_irregular_streams(lsl) -> None:  # noqa: ANN001
+def test_lsl_errors_for_missing_and_irregular_streams(lsl: Any) -> None:
     with pytest.raises(LookupError, match="no LSL stream"):
         LslSource(name=f"missing-{uuid.uuid4().hex}", timeout_s=0.3)
     name = f"clisonix-markers-{uuid.uuid4().hex}"
     outlet = lsl.StreamOutlet(lsl.StreamInfo(name, "Markers", 1, lsl.IRREGULAR_RATE, lsl.cf_float32, name))
     with pytest.raises(ValueError, match="irregular rate"):
         LslSource(name=name, timeout_s=5.0)
+    del outlet
+
+
+def test_lsl_close_from_another_thread_ends_blocks(lsl: Any) -> None:
+    name = f"clisonix-idle-{uuid.uuid4().hex}"
+    outlet = lsl.StreamOutlet(lsl.StreamInfo(name, "ECG", 1, 250.0, lsl.cf_float32, name))
+    src = LslSource(name=name, timeout_s=5.0, duration_s=20.0)  # nothing is pushed: blocks() waits
+    closer = threading.Timer(0.3, src.close)
+    closer.start()
+    began = time.monotonic()
+    assert list(src.blocks()) == []
+    # ended by close(), long before duration_s
+    assert time.monotonic() - began < 5.0
+    closer.join(timeout=5.0)
     del outlet
 
 
@@ -453,6 +482,11 @@ def test_open_source_parses_kinds() -> None:
     assert isinstance(open_source(f"wfdb:{WFDB / '100.hea'}"), WfdbSource)
     assert isinstance(open_source(f"xdf:{XDF / 'minimal.xdf'}"), XdfSource)
     assert isinstance(open_source(f"XDF:{XDF / 'minimal.xdf'}"), XdfSource)
+    # every kind takes duration_s (the CLI passes it whatever the source)
+    for spec in (f"wfdb:{WFDB / 'v102s'}", f"xdf:{XDF / 'clock_resets.xdf'}"):
+        src = open_source(spec, duration_s=2.0)
+        counts = {k: sum(b.sample_count for b in v) for k, v in by_stream(list(src.blocks())).items()}
+        assert counts == {s.stream_id: round(2.0 * s.nominal_rate_hz) for s in src.specs()}
     with pytest.raises(ValueError, match="unknown source kind 'camera'; kinds: synthetic, wfdb, edf"):
         open_source("camera:/dev/video0")
     with pytest.raises(ValueError, match="needs a path"):
