@@ -38,8 +38,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
 class Platform:
     """The embedded broker (unless an external one is given) and the services, started in order."""
 
-    def __init__(self, bootstrap_servers: str | None, services: list[str], log_dir: Path) -> None:
+    def __init__(self, bootstrap_servers: str | None, services: list[str], log_dir: Path, port_offset: int = 0) -> None:
         self.external_bootstrap = bootstrap_servers
+        self.port_offset = port_offset
         self.services = services
         self.log_dir = log_dir
         self.broker = None
@@ -51,11 +52,11 @@ class Platform:
 
         bootstrap = self.external_bootstrap
         if bootstrap is None:
-            self.broker = EmbeddedBroker(port=9092, log_path=self.log_dir / "broker.log").start()
+            self.broker = EmbeddedBroker(port=9092 + self.port_offset, log_path=self.log_dir / "broker.log").start()
             bootstrap = self.broker.bootstrap_servers
         env = local_environment(bootstrap)
         for name in self.services:
-            grpc_port, metrics_port = DEFAULT_PORTS[name]
+            grpc_port, metrics_port = (port + self.port_offset for port in DEFAULT_PORTS[name])
             process = ServiceProcess(name, grpc_port, metrics_port, env, self.log_dir / f"{name}.log")
             self.processes.append(process)
             process.start()
@@ -82,7 +83,7 @@ class Platform:
 def cmd_up(args: argparse.Namespace) -> int:
     """Starts broker and services on the default ports and keeps them up until Ctrl-C."""
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="clisonix-"))
-    platform = Platform(args.bootstrap_servers, args.services, log_dir)
+    platform = Platform(args.bootstrap_servers, args.services, log_dir, args.port_offset)
     try:
         platform.start()
         print("clisonix is up:\n" + platform.describe() + "\nCtrl-C stops everything.", flush=True)
@@ -157,7 +158,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Brings the platform up, replays a real ECG recording through it with live progress, stops it."""
     log_dir = Path(tempfile.mkdtemp(prefix="clisonix-demo-"))
-    platform = Platform(None, ["ingest"], log_dir)
+    platform = Platform(None, ["ingest"], log_dir, args.port_offset)
     print("starting the embedded broker and the services ...", flush=True)
     platform.start()
     try:
@@ -169,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         stream_args = argparse.Namespace(
             source=f"wfdb:{DEMO_RECORD}",
-            to="127.0.0.1:50051",
+            to=platform.processes[0].target,
             session=None,
             subject="mitdb-100",
             speed=args.speed,
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--bootstrap-servers", help="use this Kafka instead of starting the embedded broker")
     up.add_argument("--services", nargs="+", default=list(SERVICES), choices=SERVICES, help="services to start")
     up.add_argument("--log-dir", help="where service logs go (default: a new temporary folder)")
+    up.add_argument("--port-offset", type=int, default=0, help="add this to every default port (side-by-side runs)")
     up.set_defaults(func=cmd_up)
 
     stream = sub.add_parser(
@@ -259,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--speed", type=float, default=60.0, help="replay speed (default 60x real time)")
     demo.add_argument("--duration", type=float, default=600.0, help="seconds of recording to replay (default 600)")
+    demo.add_argument("--port-offset", type=int, default=0, help="add this to every default port")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser(

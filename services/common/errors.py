@@ -11,10 +11,12 @@ class ClisonixError(Exception):
 
     code = "INTERNAL"
 
-    def __init__(self, message: str, *, reason: str = "") -> None:
+    def __init__(self, message: str, *, reason: str = "", retry_after_s: float | None = None) -> None:
         super().__init__(message)
         # A short, bounded label for metrics and dead-letter headers (never data values).
         self.reason = reason or self.code.lower()
+        # Set when the same request may succeed if sent again after this many seconds (rate limits).
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(ClisonixError):

@@ -175,10 +175,13 @@ class GrpcServer:
         )
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         credentials = server_credentials(settings)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpcio raises RuntimeError, not a 0 port, when the bind fails
+            raise OSError(f"could not bind gRPC server to {address}") from exc
         if self.port == 0:
             raise OSError(f"could not bind gRPC server to {address}")
 

@@ -44,6 +44,7 @@ class StreamProgress:
     duplicates: int = 0
     rejected: int = 0
     reconnects: int = 0
+    throttled: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
     ack_latencies_s: list[float] = field(default_factory=list)
     last_session_id: str = ""
@@ -58,6 +59,42 @@ class StreamProgress:
     def samples_per_second(self) -> float:
         elapsed = time.monotonic() - self.started
         return self.samples_acked / elapsed if elapsed > 0 else 0.0
+
+
+class _ResendLater(Exception):
+    """Ingest asked for chunks to be sent again later (the client was over its rate)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(f"resend after {delay_s:.3f} s")
+        self.delay_s = delay_s
+
+
+class ReplayPacer:
+    """When each block of a replay is due, in source seconds from the start of the replay.
+
+    A block exists once its last sample does, so it is due at its end. Each stream keeps its own replay
+    clock, advanced by its blocks' durations plus the gaps between them, so a clock reset in the recording
+    (timestamps jumping back) or a long pause does not stall or rush the replay; gaps count up to max_gap_s.
+    """
+
+    def __init__(self, max_gap_s: float = 5.0) -> None:
+        self.max_gap_s = max_gap_s
+        self.first_time: float | None = None
+        self.streams: dict[str, tuple[float, float]] = {}  # stream -> (due of its last block, its end time)
+
+    def due_s(self, block: SampleBlock) -> float:
+        start = block.first_sample_time_s
+        if self.first_time is None:
+            self.first_time = start
+        previous = self.streams.get(block.spec.stream_id)
+        if previous is None:
+            due_before, end_before = 0.0, self.first_time
+        else:
+            due_before, end_before = previous
+        gap = min(max(start - end_before, 0.0), self.max_gap_s)
+        due = due_before + gap + block.duration_s
+        self.streams[block.spec.stream_id] = (due, start + block.duration_s)
+        return due
 
 
 class StreamClient:
@@ -115,19 +152,15 @@ class StreamClient:
 
     async def _paced_chunks(self, blocks: Iterator[SampleBlock], queue: asyncio.Queue[object]) -> None:
         """Reads blocks (in a thread: file and device reads block) and queues chunks when they are due."""
-        wall_start: float | None = None
-        source_start = 0.0
+        pacer = ReplayPacer()
+        wall_start = time.monotonic()
         try:
             while True:
                 block = await asyncio.to_thread(next, blocks, None)
                 if block is None:
                     break
                 if self.speed is not None:
-                    # A block exists once its last sample does: send it at its end time, scaled by speed.
-                    end = block.first_sample_time_s + block.duration_s
-                    if wall_start is None:
-                        wall_start, source_start = time.monotonic(), block.first_sample_time_s
-                    delay = wall_start + (end - source_start) / self.speed - time.monotonic()
+                    delay = wall_start + pacer.due_s(block) / self.speed - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
                 await queue.put(self.chunk_of(block))
@@ -152,6 +185,11 @@ class StreamClient:
                 try:
                     await self._one_call(on_progress)
                     failing_since = None
+                except _ResendLater as later:
+                    # Throttled: not a failure; the chunks are still unacked and go again in order.
+                    self.progress.throttled += 1
+                    await asyncio.sleep(later.delay_s)
+                    continue
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in RETRYABLE:
                         raise
@@ -223,7 +261,10 @@ class StreamClient:
                     on_progress(self.progress)
 
     def _on_ack(self, ack: signal_pb2.IngestAck) -> None:
-        entry = self.unacked.pop((ack.stream_id, ack.sequence), None)
+        key = (ack.stream_id, ack.sequence)
+        if ack.status == signal_pb2.ACK_STATUS_REJECTED and ack.retry_after_ms and key in self.unacked:
+            raise _ResendLater(ack.retry_after_ms / 1000)
+        entry = self.unacked.pop(key, None)
         if entry is None:
             return
         chunk, sent_at = entry

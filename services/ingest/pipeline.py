@@ -5,6 +5,7 @@ to clisonix.signals.raw.v1 keyed by session, and answer once Kafka acknowledged 
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import time
 from collections.abc import Awaitable
@@ -83,6 +84,7 @@ def rejected_ack(chunk: signal_pb2.SignalChunk, error: ClisonixError) -> signal_
         status=signal_pb2.ACK_STATUS_REJECTED,
         code=code,
         message=str(error),
+        retry_after_ms=max(1, math.ceil(error.retry_after_s * 1000)) if error.retry_after_s is not None else 0,
     )
 
 
@@ -152,7 +154,9 @@ class IngestPipeline:
         if rate_limit is not None and not rate_limit.take():
             self.book.failed(key, chunk.sequence)
             error = ResourceExhausted(
-                f"client over its rate of {self.settings.max_chunks_per_second:g} chunks/s", reason="over_rate"
+                f"client over its rate of {self.settings.max_chunks_per_second:g} chunks/s",
+                reason="over_rate",
+                retry_after_s=rate_limit.wait_s(),
             )
             self.reject(chunk, error)
             raise error

@@ -141,3 +141,7 @@ class TokenBucket:
             self.tokens -= tokens
             return True
         return False
+
+    def wait_s(self, tokens: float = 1.0) -> float:
+        """Seconds until `tokens` could be taken (0 when they can now)."""
+        return max(0.0, (tokens - self.tokens) / self.rate)

@@ -526,6 +526,14 @@ def _wfdb_invalid_values(fmts: Sequence[str]) -> list[int | None]:
         return [-(2 ** (bits[f] - 1)) if f in bits else None for f in fmts]
 
 
+def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The [start, stop) index ranges where `mask` is true."""
+    if mask.all():
+        return [(0, int(mask.size))] if mask.size else []
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
+
+
 def _digital_block(
     spec: StreamSpec,
     t0: float,
@@ -552,8 +560,8 @@ def _digital_block(
 class WfdbSource(Source):
     """Replays a WFDB record: one stream per (rate, modality), int16 digital samples with gain and offset.
 
-    Multi-frequency records (several samples per frame) give one stream per distinct signal rate. Blocks
-    holding missing samples or values beyond int16 fall back to float32 physical values. `duration_s` replays
+    Multi-frequency records (several samples per frame) give one stream per distinct signal rate. Missing
+    samples are left out (a gap in the timestamps); blocks with values beyond int16 fall back to float32. `duration_s` replays
     only the first seconds.
     """
 
@@ -627,7 +635,13 @@ class WfdbSource(Source):
             if self._closed:
                 return
             part = data[:, lo:hi]
-            yield _digital_block(spec, self.start_time_s + lo / rate, part, gain, offset, part == nan_values)
+            # Missing samples are left out, not sent as NaN (which ingest rejects): the next block starts
+            # later, so the gap shows in the timestamps, where fusion looks for gaps.
+            valid = ~(part == nan_values).any(axis=0)
+            for run_lo, run_hi in _true_runs(valid):
+                yield _digital_block(
+                    spec, self.start_time_s + (lo + run_lo) / rate, part[:, run_lo:run_hi], gain, offset, None
+                )
 
     def blocks(self) -> Iterator[SampleBlock]:
         return _merge_by_time(self._stream(*s) for s in self._streams)

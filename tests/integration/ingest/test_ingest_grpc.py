@@ -180,6 +180,17 @@ async def test_client_over_its_rate_gets_resource_exhausted(ingest_service):
     accepted = [a for a in acks if a.status == signal_pb2.ACK_STATUS_ACCEPTED]
     limited = [a for a in acks if a.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
     assert len(accepted) == 3 and len(limited) == 3
+    assert all(a.retry_after_ms > 0 for a in limited)
+
+
+async def test_throttled_client_resends_and_every_chunk_arrives(ingest_service, broker):
+    service = await ingest_service(max_chunks_per_second=100.0, max_chunk_burst=10)
+    client = StreamClient(f"127.0.0.1:{service.grpc_port}", "session-throttled", speed=None)
+    progress = await client.run(make_blocks(60))
+    assert progress.throttled >= 1 and progress.rejected == 0 and progress.chunks_acked == 60
+    records = await read_all(broker.bootstrap_servers, service.settings.topic_raw)
+    sequences = {decode_event(signal_pb2.SignalChunk, r.value, r.headers)[0].sequence for r in records}
+    assert sequences == set(range(60))
 
 
 async def test_bearer_token_guards_writes_but_not_health(ingest_service):

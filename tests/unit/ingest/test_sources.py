@@ -174,7 +174,24 @@ def test_wfdb_100_reconstructs_wfdb_physical_values() -> None:
     np.testing.assert_allclose(joined(blocks), expected, rtol=0, atol=1e-9)
 
 
-def test_wfdb_v102s_maps_modalities_and_marks_missing_samples() -> None:
+def placed(blocks: list[SampleBlock], total: int) -> np.ndarray:
+    """The blocks' physical samples put back at their timestamps' sample index; NaN where nothing was sent."""
+    rate = blocks[0].spec.nominal_rate_hz
+    out = np.full((blocks[0].spec.channel_count, total), np.nan)
+    for block in blocks:
+        start = round(block.first_sample_time_s * rate)
+        out[:, start : start + block.sample_count] = block.physical()
+    return out
+
+
+def expected_with_gaps(want: np.ndarray) -> np.ndarray:
+    """What a replay sends: a frame missing in any channel of the stream is left out for all its channels."""
+    out = want.copy()
+    out[:, np.isnan(want).any(axis=0)] = np.nan
+    return out
+
+
+def test_wfdb_v102s_maps_modalities_and_leaves_missing_samples_out() -> None:
     wfdb = import_wfdb()
     src = WfdbSource(str(WFDB / "v102s") + ".hea")
     specs = {s.modality: s for s in src.specs()}
@@ -184,14 +201,15 @@ def test_wfdb_v102s_maps_modalities_and_marks_missing_samples() -> None:
     streams = by_stream(list(src.blocks()))
     record = wfdb.rdrecord(str(WFDB / "v102s"), physical=True)
     for spec in specs.values():
-        got = joined(streams[spec.stream_id])
         cols = [record.sig_name.index(n) for n in spec.channel_names]
-        want = record.p_signal[:, cols].T
-        # wfdb's missing samples stay missing (float32 blocks carry NaN), the rest match
+        want = expected_with_gaps(record.p_signal[:, cols].T)
+        got = placed(streams[spec.stream_id], want.shape[1])
+        # wfdb's missing samples are not sent (a gap in the timestamps, never NaN); the rest match
+        assert not any(np.isnan(b.physical()).any() for b in streams[spec.stream_id])
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         ok = ~np.isnan(want)
         np.testing.assert_allclose(got[ok], want[ok], rtol=1e-6, atol=1e-6)
-    assert np.isnan(joined(streams["v102s-ppg"])).any()
+    assert np.isnan(placed(streams["v102s-ppg"], record.sig_len)).any()
 
 
 def test_wfdb_mixedsignals_gives_one_stream_per_rate() -> None:
@@ -202,21 +220,21 @@ def test_wfdb_mixedsignals_gives_one_stream_per_rate() -> None:
     rates = {round(s.nominal_rate_hz, 4) for s in specs}
     assert rates == {round(4 * frame_rate, 4), round(2 * frame_rate, 4), round(frame_rate, 4)}
     streams = by_stream(list(src.blocks()))
-    counts = {s.stream_id: sum(b.sample_count for b in streams[s.stream_id]) for s in specs}
-    for spec in specs:
-        assert counts[spec.stream_id] == round(14400 * spec.nominal_rate_hz / frame_rate)
     ecg = next(s for s in specs if s.modality == signal_pb2.MODALITY_ECG)
     assert ecg.channel_names == ("II", "III", "V")
 
     record = wfdb.rdrecord(str(WFDB / "mixedsignals"), physical=True, smooth_frames=False)
-    got = joined(streams[ecg.stream_id])
-    want = np.stack([record.e_p_signal[i] for i in range(3)])
+    for spec in specs:
+        total = round(14400 * spec.nominal_rate_hz / frame_rate)
+        assert placed(streams[spec.stream_id], total).shape[1] == total
+    want = expected_with_gaps(np.stack([record.e_p_signal[i] for i in range(3)]))
+    got = placed(streams[ecg.stream_id], want.shape[1])
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
     np.testing.assert_allclose(got[ok], want[ok], rtol=1e-6, atol=1e-6)
     # streams interleave by time, not one file section after another
-    ids = [b.spec.stream_id for b in src.blocks()][:8]
-    assert len(set(ids)) == len(specs)
+    times = [b.first_sample_time_s for b in src.blocks()]
+    assert times == sorted(times)
 
 
 # --- EDF / BDF ---------------------------------------------------------------------------------------------

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lisonix/signal/v1/signal.proto\x12\x12\x63lisonix.signal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n\x0bSignalChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12.\n\x08modality\x18\x03 \x01(\x0e\x32\x1c.clisonix.signal.v1.Modality\x12\x15\n\rchannel_names\x18\x04 \x03(\t\x12\x15\n\rchannel_units\x18\x05 \x03(\t\x12\x17\n\x0fnominal_rate_hz\x18\x06 \x01(\x01\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x1b\n\x13\x66irst_sample_time_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x63lock_offset_s\x18\t \x01(\x01\x12\x37\n\rsample_format\x18\n \x01(\x0e\x32 .clisonix.signal.v1.SampleFormat\x12\x0f\n\x07samples\x18\x0b \x01(\x0c\x12\x14\n\x0csample_count\x18\x0c \x01(\r\x12\x14\n\x0c\x63hannel_gain\x18\r \x03(\x01\x12\x16\n\x0e\x63hannel_offset\x18\x0e \x03(\x01\x12\x12\n\nsubject_id\x18\x0f \x01(\t\x12/\n\x0bingest_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x01\n\tIngestAck\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.clisonix.signal.v1.AckStatus\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x12\n\ngaps_total\x18\t \x01(\x04*\xc3\x01\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODALITY_EEG\x10\x01\x12\x10\n\x0cMODALITY_ECG\x10\x02\x12\x10\n\x0cMODALITY_PPG\x10\x03\x12\x10\n\x0cMODALITY_EDA\x10\x04\x12\x18\n\x14MODALITY_RESPIRATION\x10\x05\x12\x12\n\x0eMODALITY_AUDIO\x10\x06\x12\x13\n\x0fMODALITY_MOTION\x10\x07\x12\x12\n\x0eMODALITY_OTHER\x10\x08*a\n\x0cSampleFormat\x12\x1d\n\x19SAMPLE_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15SAMPLE_FORMAT_FLOAT32\x10\x01\x12\x17\n\x13SAMPLE_FORMAT_INT16\x10\x02*s\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\xa7\x01\n\rIngestService\x12L\n\x06Stream\x12\x1f.clisonix.signal.v1.SignalChunk\x1a\x1d.clisonix.signal.v1.IngestAck(\x01\x30\x01\x12H\n\x06\x41ppend\x12\x1f.clisonix.signal.v1.SignalChunk\x1a\x1d.clisonix.signal.v1.IngestAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lisonix/signal/v1/signal.proto\x12\x12\x63lisonix.signal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n\x0bSignalChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12.\n\x08modality\x18\x03 \x01(\x0e\x32\x1c.clisonix.signal.v1.Modality\x12\x15\n\rchannel_names\x18\x04 \x03(\t\x12\x15\n\rchannel_units\x18\x05 \x03(\t\x12\x17\n\x0fnominal_rate_hz\x18\x06 \x01(\x01\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x1b\n\x13\x66irst_sample_time_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x63lock_offset_s\x18\t \x01(\x01\x12\x37\n\rsample_format\x18\n \x01(\x0e\x32 .clisonix.signal.v1.SampleFormat\x12\x0f\n\x07samples\x18\x0b \x01(\x0c\x12\x14\n\x0csample_count\x18\x0c \x01(\r\x12\x14\n\x0c\x63hannel_gain\x18\r \x03(\x01\x12\x16\n\x0e\x63hannel_offset\x18\x0e \x03(\x01\x12\x12\n\nsubject_id\x18\x0f \x01(\t\x12/\n\x0bingest_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\tIngestAck\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.clisonix.signal.v1.AckStatus\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x12\n\ngaps_total\x18\t \x01(\x04\x12\x16\n\x0eretry_after_ms\x18\n \x01(\r*\xc3\x01\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODALITY_EEG\x10\x01\x12\x10\n\x0cMODALITY_ECG\x10\x02\x12\x10\n\x0cMODALITY_PPG\x10\x03\x12\x10\n\x0cMODALITY_EDA\x10\x04\x12\x18\n\x14MODALITY_RESPIRATION\x10\x05\x12\x12\n\x0eMODALITY_AUDIO\x10\x06\x12\x13\n\x0fMODALITY_MOTION\x10\x07\x12\x12\n\x0eMODALITY_OTHER\x10\x08*a\n\x0cSampleFormat\x12\x1d\n\x19SAMPLE_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15SAMPLE_FORMAT_FLOAT32\x10\x01\x12\x17\n\x13SAMPLE_FORMAT_INT16\x10\x02*s\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\xa7\x01\n\rIngestService\x12L\n\x06Stream\x12\x1f.clisonix.signal.v1.SignalChunk\x1a\x1d.clisonix.signal.v1.IngestAck(\x01\x30\x01\x12H\n\x06\x41ppend\x12\x1f.clisonix.signal.v1.SignalChunk\x1a\x1d.clisonix.signal.v1.IngestAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clisonix.signal.v1.signal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=749
-  _globals['_MODALITY']._serialized_end=944
-  _globals['_SAMPLEFORMAT']._serialized_start=946
-  _globals['_SAMPLEFORMAT']._serialized_end=1043
-  _globals['_ACKSTATUS']._serialized_start=1045
-  _globals['_ACKSTATUS']._serialized_end=1160
+  _globals['_MODALITY']._serialized_start=773
+  _globals['_MODALITY']._serialized_end=968
+  _globals['_SAMPLEFORMAT']._serialized_start=970
+  _globals['_SAMPLEFORMAT']._serialized_end=1067
+  _globals['_ACKSTATUS']._serialized_start=1069
+  _globals['_ACKSTATUS']._serialized_end=1184
   _globals['_SIGNALCHUNK']._serialized_start=89
   _globals['_SIGNALCHUNK']._serialized_end=542
   _globals['_INGESTACK']._serialized_start=545
-  _globals['_INGESTACK']._serialized_end=746
-  _globals['_INGESTSERVICE']._serialized_start=1163
-  _globals['_INGESTSERVICE']._serialized_end=1330
+  _globals['_INGESTACK']._serialized_end=770
+  _globals['_INGESTSERVICE']._serialized_start=1187
+  _globals['_INGESTSERVICE']._serialized_end=1354
 # @@protoc_insertion_point(module_scope)

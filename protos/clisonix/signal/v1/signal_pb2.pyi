@@ -204,6 +204,7 @@ class IngestAck(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     GAPS_TOTAL_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     sequence: _builtins.int
     status: Global___AckStatus.ValueType
@@ -216,6 +217,10 @@ class IngestAck(_message.Message):
     """The pseudonymised session id the chunk was written under."""
     gaps_total: _builtins.int
     """Sequence numbers skipped by this stream so far (gaps seen by this ingest process)."""
+    retry_after_ms: _builtins.int
+    """When non-zero, the rejected chunk was not written but may be sent again after this many milliseconds
+    (the client was over its rate); zero for chunks that would be rejected again.
+    """
     def __init__(
         self,
         *,
@@ -228,10 +233,11 @@ class IngestAck(_message.Message):
         message: _builtins.str = ...,
         session_id: _builtins.str = ...,
         gaps_total: _builtins.int = ...,
+        retry_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "gaps_total", b"gaps_total", "message", b"message", "offset", b"offset", "partition", b"partition", "sequence", b"sequence", "session_id", b"session_id", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "gaps_total", b"gaps_total", "message", b"message", "offset", b"offset", "partition", b"partition", "retry_after_ms", b"retry_after_ms", "sequence", b"sequence", "session_id", b"session_id", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

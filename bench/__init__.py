@@ -1,0 +1,1 @@
+"""Benchmarks of the Clisonix services, run by `clisonix bench <name>` (see bench/README.md)."""

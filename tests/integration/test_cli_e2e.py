@@ -1,0 +1,167 @@
+"""The `clisonix` command end to end: real recordings streamed by `clisonix stream` through ingest into Kafka,
+`clisonix up` serving on its ports, and `clisonix demo` running the main job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clisonix.signal.v1 import signal_pb2
+from services.common.events import decode_event
+from services.ingest.chunks import SampleBlock, physical_samples
+from services.ingest.sources import open_source
+from tests.conftest import DATA, REPO
+from tests.helpers import read_all
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def run_cli(*args: str, timeout_s: float = 120.0) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
+    return process.returncode, output.decode()
+
+
+def by_stream(records) -> dict[str, list[signal_pb2.SignalChunk]]:
+    streams: dict[str, dict[int, signal_pb2.SignalChunk]] = {}
+    for record in records:
+        chunk, _ = decode_event(signal_pb2.SignalChunk, record.value, record.headers)
+        streams.setdefault(chunk.stream_id, {})[chunk.sequence] = chunk
+    return {stream: [chunks[s] for s in sorted(chunks)] for stream, chunks in streams.items()}
+
+
+def source_blocks(spec: str, **options) -> dict[str, list[SampleBlock]]:
+    blocks: dict[str, list[SampleBlock]] = {}
+    with open_source(spec, **options) as source:
+        for block in source.blocks():
+            blocks.setdefault(block.spec.stream_id, []).append(block)
+    return blocks
+
+
+@pytest.mark.parametrize(
+    "source,options",
+    [
+        (f"wfdb:{DATA / 'wfdb' / 'v102s'}", {"duration_s": 20.0}),
+        (f"xdf:{DATA / 'xdf' / 'clock_resets.xdf'}", {}),
+    ],
+    ids=["wfdb-v102s", "xdf-clock-resets"],
+)
+async def test_clisonix_stream_replays_a_recording_sample_for_sample(ingest_service, broker, source, options):
+    service = await ingest_service()
+    args = [
+        "stream",
+        "--source",
+        source,
+        "--to",
+        f"127.0.0.1:{service.grpc_port}",
+        "--speed",
+        "0",
+        "--session",
+        "replay",
+        "--subject",
+        "subject-7",
+    ]
+    if "duration_s" in options:
+        args += ["--duration", str(options["duration_s"])]
+    code, output = await run_cli(*args)
+    assert code == 0, output
+    assert "done" in output and "subject-7" not in output
+
+    expected = source_blocks(source, **options)
+    written = by_stream(await read_all(broker.bootstrap_servers, service.settings.topic_raw))
+    assert set(written) == set(expected) and expected
+    for stream_id, blocks in expected.items():
+        chunks = written[stream_id]
+        assert [c.sequence for c in chunks] == list(range(len(blocks)))
+        for block, chunk in zip(blocks, chunks, strict=True):
+            assert chunk.first_sample_time_s == block.first_sample_time_s
+            assert chunk.clock_offset_s == block.clock_offset_s
+            np.testing.assert_array_equal(physical_samples(chunk), block.physical())
+
+
+async def test_clisonix_stream_synthetic_multimodal(ingest_service, broker):
+    service = await ingest_service()
+    code, output = await run_cli(
+        "stream", "--source", "synthetic", "--to", f"127.0.0.1:{service.grpc_port}", "--speed", "0", "--duration", "3"
+    )
+    assert code == 0, output
+    written = by_stream(await read_all(broker.bootstrap_servers, service.settings.topic_raw))
+    modalities = {chunks[0].modality for chunks in written.values()}
+    assert {signal_pb2.MODALITY_EEG, signal_pb2.MODALITY_ECG, signal_pb2.MODALITY_PPG} <= modalities
+
+
+async def test_clisonix_stream_reports_a_wrong_token(ingest_service):
+    service = await ingest_service(auth_token="right-token")
+    code, output = await run_cli(
+        "stream",
+        "--source",
+        "synthetic",
+        "--to",
+        f"127.0.0.1:{service.grpc_port}",
+        "--speed",
+        "0",
+        "--duration",
+        "1",
+        "--token",
+        "wrong-token",
+    )
+    assert code != 0
+    assert "UNAUTHENTICATED" in output
+
+
+def port_offset() -> int:
+    return random.randint(2000, 9000)
+
+
+async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint():
+    offset = port_offset()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "up",
+        "--port-offset",
+        str(offset),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "CLISONIX_PSEUDONYM_KEY": "a-test-key-of-enough-length"},
+    )
+    try:
+        line = b""
+        while b"Ctrl-C" not in line:
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert line, "clisonix up exited before it was up"
+        channel_target = f"127.0.0.1:{50051 + offset}"
+        import grpc
+
+        async with grpc.aio.insecure_channel(channel_target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(process.wait(), 60)
+    assert code == 0
+
+
+async def test_clisonix_demo_runs_the_main_job():
+    code, output = await run_cli("demo", "--duration", "20", "--speed", "40", "--port-offset", str(port_offset()))
+    assert code == 0, output
+    assert "demo done: 80 chunks acked" in output
+    assert "0 rejected" in output
