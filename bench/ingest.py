@@ -43,6 +43,11 @@ ENERGY_NOTES = {
 }
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The chunk duration every `clisonix stream` source sends by default.
+DEFAULT_BLOCK_SECONDS = 0.25
+
+
 @dataclass
 class Workload:
     """The blocks each stream sends and the records a bare producer writes for them (serialised once)."""
@@ -126,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=32, help="EEG channels per stream (default 32)")
     parser.add_argument("--rate", type=float, default=1000.0, help="sample rate in Hz (default 1000)")
     parser.add_argument(
-        "--block-seconds", type=float, default=0.1, help="seconds of signal per chunk (default 0.1: 12.8 KB chunks)"
+        "--block-seconds",
+        type=float,
+        default=DEFAULT_BLOCK_SECONDS,
+        help=f"seconds of signal per chunk (default {DEFAULT_BLOCK_SECONDS:g}, as `clisonix stream` sends: "
+        "32 KB chunks at 32 ch x 1000 Hz)",
     )
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams, one session each (default 4)")
     parser.add_argument(
@@ -143,7 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="energy source (default auto: rapl where readable, else the CPU-time estimate)",
     )
+    parser.add_argument(
+        "--clients",
+        choices=["process", "same"],
+        default="process",
+        help="where the gRPC clients run: in their own process, as devices would (default), or in the "
+        "benchmark's process beside the ingest server",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    # Internal: the client process of the ingest leg.
+    parser.add_argument("--client-worker", metavar="TARGET", help=argparse.SUPPRESS)
+    parser.add_argument("--run-id", help=argparse.SUPPRESS)
     return parser
 
 
@@ -352,8 +371,13 @@ async def ingest_leg(
     max_unacked: int,
     meter: EnergyMeter,
     broker_cpu: ProcessCpu,
+    worker_argv: list[str] | None = None,
 ) -> LegResult:
-    """The blocks through an in-process IngestService (real gRPC server, real Kafka), one StreamClient each."""
+    """The blocks through an in-process IngestService (real gRPC server, real Kafka), one StreamClient each.
+
+    worker_argv: run the clients in a child process started with these arguments (None: in this process).
+    The energy and CPU figures are then the ingest server's alone, as the bare leg's are the producer's.
+    """
     from services.ingest.client import StreamClient
     from services.ingest.service import IngestService
 
@@ -367,39 +391,85 @@ async def ingest_leg(
         )
         if warm.chunks_acked != 1:
             raise RuntimeError(f"ingest warm-up failed: {warm.rejections or 'no ack'}")
-        clients = [StreamClient(target, session, speed=None, max_unacked=max_unacked) for session in workload.sessions]
         broker_before = broker_cpu.seconds()
         with meter.measure() as energy:
-            started = time.perf_counter()
-            progresses = await asyncio.gather(
-                *(client.run(iter(blocks)) for client, blocks in zip(clients, workload.blocks, strict=True))
-            )
-            seconds = time.perf_counter() - started
+            if worker_argv is None:
+                progresses, seconds = await run_clients(target, workload, max_unacked)
+                acked = sum(progress.chunks_acked for progress in progresses)
+                rejected = sum(progress.rejected for progress in progresses)
+                samples = sum(progress.samples_acked for progress in progresses)
+                latencies = [latency for progress in progresses for latency in progress.ack_latencies_s]
+            else:
+                outcome = await run_client_process(worker_argv + ["--client-worker", target])
+                acked, rejected, samples = outcome["acked"], outcome["rejected"], outcome["samples"]
+                seconds, latencies = outcome["seconds"], outcome["latencies_s"]
         broker_after = broker_cpu.seconds()
     finally:
         await service.stop()
-    acked = sum(progress.chunks_acked for progress in progresses)
-    rejected = sum(progress.rejected for progress in progresses)
     if acked != workload.chunks or rejected:
-        reasons: dict[str, int] = {}
-        for progress in progresses:
-            for name, count in progress.rejections.items():
-                reasons[name] = reasons.get(name, 0) + count
-        raise RuntimeError(f"ingest acked {acked} of {workload.chunks} chunks, rejected {rejected} {reasons or ''}")
+        raise RuntimeError(f"ingest acked {acked} of {workload.chunks} chunks, rejected {rejected}")
     return LegResult(
         leg="ingest",
         run=run,
         topic=topic,
         chunks=acked,
-        samples=sum(progress.samples_acked for progress in progresses),
+        samples=samples,
         payload_bytes=workload.payload_bytes,
         seconds=seconds,
-        latencies_s=[latency for progress in progresses for latency in progress.ack_latencies_s],
+        latencies_s=latencies,
         cpu_seconds=energy.cpu_seconds,
         joules=energy.joules,
         energy_source=energy.source,
         broker_cpu_seconds=None if broker_before is None or broker_after is None else broker_after - broker_before,
     )
+
+
+async def run_clients(target: str, workload: Workload, max_unacked: int) -> tuple[list[Any], float]:
+    """One StreamClient per stream, all at once, as fast as acks allow; returns their progress and the seconds."""
+    from services.ingest.client import StreamClient
+
+    clients = [StreamClient(target, session, speed=None, max_unacked=max_unacked) for session in workload.sessions]
+    started = time.perf_counter()
+    progresses = await asyncio.gather(
+        *(client.run(iter(blocks)) for client, blocks in zip(clients, workload.blocks, strict=True))
+    )
+    return list(progresses), time.perf_counter() - started
+
+
+async def run_client_process(argv: list[str]) -> dict[str, Any]:
+    """Starts the client worker, lets it build its blocks, then times its run; returns its JSON outcome."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.ingest", *argv,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert process.stdin is not None and process.stdout is not None
+    ready = await asyncio.wait_for(process.stdout.readline(), 120)
+    if ready.strip() != b"ready":
+        raise RuntimeError(f"client worker did not start: {ready!r}")
+    process.stdin.write(b"go\n")
+    await process.stdin.drain()
+    output = await asyncio.wait_for(process.stdout.read(), 600)
+    if await process.wait() != 0:
+        raise RuntimeError(f"client worker exited with {process.returncode}")
+    return json.loads(output)
+
+
+def client_worker(args: argparse.Namespace) -> int:
+    """The client side of the ingest leg in its own process: build the same blocks, wait for go, stream them."""
+    workload = build_workload(args, args.run_id)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    progresses, seconds = asyncio.run(run_clients(args.client_worker, workload, args.max_unacked))
+    outcome = {
+        "acked": sum(p.chunks_acked for p in progresses),
+        "rejected": sum(p.rejected for p in progresses),
+        "samples": sum(p.samples_acked for p in progresses),
+        "seconds": seconds,
+        "latencies_s": [latency for p in progresses for latency in p.ack_latencies_s],
+    }
+    print(json.dumps(outcome), flush=True)
+    return 0
 
 
 def open_meter(source: str) -> EnergyMeter:
@@ -539,6 +609,13 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 
     run_id = uuid.uuid4().hex[:8]
     workload = build_workload(args, run_id)
+    worker_argv = None
+    if args.clients == "process":
+        worker_argv = [
+            "--channels", str(args.channels), "--rate", str(args.rate), "--block-seconds", str(args.block_seconds),
+            "--streams", str(args.streams), "--max-unacked", str(args.max_unacked), "--run-id", run_id,
+            *(["--chunks", str(args.chunks)] if args.chunks else ["--seconds-of-signal", str(args.seconds_of_signal)]),
+        ]  # fmt: skip
     legs = [name for _ in range(args.repeats) for name in ("bare", "ingest")]
     console.print(
         f"ingest benchmark: {args.streams} streams x {len(workload.blocks[0])} chunks of "
@@ -566,8 +643,12 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
             label = "bare producer" if name == "bare" else "ingest (gRPC)"
             console.print(f"[{index + 1}/{len(legs)}] {label:<14} run {run_number} ...", end=" ")
             gc.collect()
-            leg = bare_leg if name == "bare" else ingest_leg
-            result = await leg(run_number, topic, settings, workload, args.max_unacked, meter, broker_cpu)
+            if name == "bare":
+                result = await bare_leg(run_number, topic, settings, workload, args.max_unacked, meter, broker_cpu)
+            else:
+                result = await ingest_leg(
+                    run_number, topic, settings, workload, args.max_unacked, meter, broker_cpu, worker_argv
+                )
             p50, p99 = result.percentiles_ms()
             console.print(
                 f"{result.seconds:.2f} s, {result.samples_per_s:,.0f} samples/s, {result.mb_per_s:.2f} MB/s, "
@@ -617,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         check_args(parser, args)
     except SystemExit as exc:  # --help, or bad options (argparse has printed why)
         return exc.code if isinstance(exc.code, int) else 2
+    if args.client_worker:
+        return client_worker(args)
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(highlight=False, width=120)  # piped or captured: do not squeeze the tables into 80

@@ -132,7 +132,7 @@ async def stream_source(args: argparse.Namespace, label: str) -> int:
         blocks = source.blocks()
         if console.is_terminal:
             with Live(console=console, refresh_per_second=4) as live:
-                progress = await client.run(blocks, lambda p: live.update(_format_progress(p, label)))
+                progress = await client.run(blocks, lambda p: live.update(_format_progress(p, label)), live=source.live)
         else:
             last = [0.0]
 
@@ -141,7 +141,7 @@ async def stream_source(args: argparse.Namespace, label: str) -> int:
                     last[0] = time.monotonic()
                     print(_format_progress(p, label), flush=True)
 
-            progress = await client.run(blocks, every_second)
+            progress = await client.run(blocks, every_second, live=source.live)
     finally:
         source.close()
     print(_format_progress(progress, label + " done"), flush=True)

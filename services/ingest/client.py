@@ -150,13 +150,13 @@ class StreamClient:
         self._sequences[stream_id] = sequence + 1
         return to_chunk(block, self.session_id, sequence, self.subject_id)
 
-    async def _paced_chunks(self, blocks: Iterator[SampleBlock], queue: asyncio.Queue[object]) -> None:
-        """Reads blocks (in a thread: file and device reads block) and queues chunks when they are due."""
+    async def _paced_chunks(self, blocks: Iterator[SampleBlock], queue: asyncio.Queue[object], live: bool) -> None:
+        """Reads blocks (a live source's in a thread, as device reads block) and queues chunks when due."""
         pacer = ReplayPacer()
         wall_start = time.monotonic()
         try:
             while True:
-                block = await asyncio.to_thread(next, blocks, None)
+                block = await asyncio.to_thread(next, blocks, None) if live else next(blocks, None)
                 if block is None:
                     break
                 if self.speed is not None:
@@ -171,12 +171,16 @@ class StreamClient:
         self,
         blocks: Iterator[SampleBlock],
         on_progress: Callable[[StreamProgress], None] | None = None,
+        live: bool = False,
     ) -> StreamProgress:
         """Streams every block; returns the final progress. Raises grpc.aio.AioRpcError on non-retryable
         errors (e.g. UNAUTHENTICATED) or when no connection succeeds for `give_up_after_s`.
+
+        live: the blocks come from a device, so reading the next one may block (it is read in a thread);
+        recordings and synthetic data are read on the event loop.
         """
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=self.max_unacked)
-        reader = asyncio.create_task(self._paced_chunks(blocks, queue))
+        reader = asyncio.create_task(self._paced_chunks(blocks, queue, live))
         feeder = asyncio.create_task(self._feed(queue))
         delay = self.reconnect_delay_s
         failing_since: float | None = None

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 
 PREFIX = "ps-"
+RECENT_LIMIT = 65_536
 
 
 class Pseudonymiser:
@@ -17,6 +18,8 @@ class Pseudonymiser:
         if len(key) < 16:
             raise ValueError("the pseudonym key must be at least 16 bytes")
         self._key = key
+        # Every chunk of a session carries the same ids: remember recent answers instead of re-hashing.
+        self._recent: dict[tuple[str, str], str] = {}
 
     def pseudonym(self, kind: str, identifier: str) -> str:
         """The pseudonym of `identifier`; `kind` ("subject", "session") keeps the two id spaces apart.
@@ -24,9 +27,15 @@ class Pseudonymiser:
         Empty ids stay empty, and ids that already are pseudonyms are kept, so re-ingesting a recorded
         session does not pseudonymise twice.
         """
+        known = self._recent.get((kind, identifier))
+        if known is not None:
+            return known
         if not identifier or is_pseudonym(identifier):
             return identifier
         digest = hmac.new(self._key, f"{kind}:{identifier}".encode(), hashlib.sha256).hexdigest()
+        if len(self._recent) >= RECENT_LIMIT:
+            self._recent.clear()
+        self._recent[(kind, identifier)] = PREFIX + digest[:32]
         return PREFIX + digest[:32]
 
 

@@ -43,6 +43,8 @@ class Source(ABC):
     """A producer of SampleBlocks for one or more streams; usable as a context manager."""
 
     block_seconds: float = DEFAULT_BLOCK_SECONDS
+    # True when the next block may take a while to arrive (a device): read it off the event loop.
+    live: bool = False
 
     @abstractmethod
     def specs(self) -> list[StreamSpec]:
@@ -912,6 +914,8 @@ class LslSource(Source):
     refreshed every `correction_interval_s`. Ends when `close()` is called or after `duration_s`.
     """
 
+    live = True
+
     def __init__(
         self,
         name: str | None = None,
@@ -1072,6 +1076,8 @@ class BrainFlowSource(Source):
     Timestamps come from the board's timestamp row. The session opens when `blocks()` starts and is always
     stopped and released in `close()`.
     """
+
+    live = True
 
     def __init__(
         self,

@@ -44,7 +44,7 @@ async def test_bench_ingest_runs_both_legs_and_reports_a_ratio(broker, tmp_path,
         assert leg["samples_per_s"] > 0 and leg["mb_per_s"] > 0
         assert leg["latency_p99_ms"] >= leg["latency_p50_ms"] > 0
     for run in results["runs"]:
-        assert run["chunks"] == 2 * 5 and run["samples"] == 2 * 5 * 100
+        assert run["chunks"] == 2 * 5 and run["samples"] == 2 * 5 * 250  # 0.25 s chunks at 1000 Hz
     assert results["ratios"]["throughput"] > 0
     assert results["verdict"] in ("PASS", "BELOW TARGET")
     assert results["energy"]["source"] == "estimate"

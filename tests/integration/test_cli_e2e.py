@@ -126,7 +126,19 @@ async def test_clisonix_stream_reports_a_wrong_token(ingest_service):
 
 
 def port_offset() -> int:
-    return random.randint(2000, 9000)
+    """An offset under which the default ports (broker, ingest gRPC and metrics) are all free now."""
+    import socket
+
+    for _ in range(100):
+        offset = random.randint(2000, 6000)
+        try:
+            for port in (9092, 50051, 9101):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return offset
+    raise AssertionError("no free port offset found")
 
 
 async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint():
@@ -146,7 +158,11 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint():
     try:
         line = b""
         while b"Ctrl-C" not in line:
-            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            try:
+                line = await asyncio.wait_for(process.stdout.readline(), 90)
+            except TimeoutError:
+                logs = {p.name: p.read_text()[-2000:] for p in tmp_path.iterdir()}
+                raise AssertionError(f"clisonix up was not up in time; logs: {logs}") from None
             assert line, "clisonix up exited before it was up"
         channel_target = f"127.0.0.1:{50051 + offset}"
         import grpc
@@ -165,3 +181,22 @@ async def test_clisonix_demo_runs_the_main_job():
     assert code == 0, output
     assert "demo done: 80 chunks acked" in output
     assert "0 rejected" in output
+
+
+async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigint():
+    from services.common.broker import free_port, metadata_answers
+
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "broker", "--port", str(port),
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert f"127.0.0.1:{port}".encode() in line
+        assert await asyncio.to_thread(metadata_answers, "127.0.0.1", port)
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(process.wait(), 30)
+    assert code == 0
+    assert not await asyncio.to_thread(metadata_answers, "127.0.0.1", port)
