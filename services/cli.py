@@ -20,7 +20,10 @@ DEMO_RECORD = REPO / "data" / "wfdb" / "100"
 
 
 def _stream_kinds() -> str:
-    return "synthetic, wfdb:PATH, edf:PATH (EDF+/BDF), xdf:PATH, lsl:NAME (or lsl:type=EEG), brainflow[:BOARD]"
+    return (
+        "synthetic[:eeg=32@1000,ecg@500,ppg,resp,audio] (modality=channels@rate), wfdb:PATH, edf:PATH (EDF+/BDF), "
+        "xdf:PATH, lsl:NAME (or lsl:type=EEG), brainflow[:BOARD]"
+    )
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -117,6 +120,8 @@ async def stream_source(args: argparse.Namespace, label: str) -> int:
     options = {}
     if args.duration is not None:
         options["duration_s"] = args.duration
+    if getattr(args, "block_seconds", None) is not None:
+        options["block_seconds"] = args.block_seconds
     source = open_source(args.source, **options)
     root_certificates = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     client = StreamClient(
@@ -249,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay speed for files and synthetic data; 0 sends as fast as acks allow",
     )
     stream.add_argument("--duration", type=float, help="stop after this many seconds of signal")
+    stream.add_argument("--block-seconds", type=float, help="seconds of signal per chunk (default 0.25)")
     stream.add_argument("--token", help="bearer token (default: $CLISONIX_AUTH_TOKEN)")
     stream.add_argument("--tls-ca", help="PEM file of the CA that signed the server certificate (enables TLS)")
     stream.set_defaults(func=cmd_stream)

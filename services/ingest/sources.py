@@ -1182,8 +1182,32 @@ class BrainFlowSource(Source):
 # --- factory -----------------------------------------------------------------------------------------------
 
 
+def parse_synthetic(text: str) -> tuple[tuple[str, ...], dict[str, int], dict[str, float]]:
+    """Parses "eeg=32@1000,ecg@500,ppg": modalities, each with an optional channel count and rate in Hz."""
+    modalities: list[str] = []
+    channels: dict[str, int] = {}
+    rates: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        head, at, rate = item.partition("@")
+        name, eq, count = head.partition("=")
+        name = name.strip()
+        try:
+            if eq:
+                channels[name] = int(count)
+            if at:
+                rates[name] = float(rate)
+        except ValueError:
+            raise ValueError(f"synthetic stream {item!r}: write MODALITY[=CHANNELS][@RATE], e.g. eeg=32@1000") from None
+        if eq and channels[name] <= 0:
+            raise ValueError(f"synthetic stream {item!r}: the channel count must be positive")
+        modalities.append(name)
+    return tuple(modalities), channels, rates
+
+
 def open_source(spec: str, **options: Any) -> Source:
-    """Opens a source from "KIND[:PATH]": synthetic[:eeg,ecg], wfdb:RECORD, edf:FILE, bdf:FILE, xdf:FILE,
+    """Opens a source from "KIND[:PATH]": synthetic[:eeg=32@1000,ecg@500,...], wfdb:RECORD, edf:FILE, bdf:FILE, xdf:FILE,
     lsl:name=X | lsl:type=EEG | lsl:NAME, brainflow[:BOARD]. Options go to the source's constructor.
     """
     kind, _, path = spec.partition(":")
@@ -1192,7 +1216,10 @@ def open_source(spec: str, **options: Any) -> Source:
         raise ValueError(f"unknown source kind {kind!r}; kinds: {', '.join(SOURCE_KINDS)}")
     if kind == "synthetic":
         if path:
-            options.setdefault("modalities", tuple(m.strip() for m in path.split(",") if m.strip()))
+            modalities, channels, rates = parse_synthetic(path)
+            options.setdefault("modalities", modalities)
+            options.setdefault("channels", channels)
+            options.setdefault("rates", rates)
         return SyntheticSource(**options)
     if kind == "brainflow":
         if path:

@@ -188,8 +188,15 @@ async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigint():
 
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "broker", "--port", str(port),
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "services.cli",
+        "broker",
+        "--port",
+        str(port),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 30)

@@ -534,3 +534,23 @@ def test_open_source_parses_kinds() -> None:
 )
 def test_modality_from_label(label: str, modality: int) -> None:
     assert modality_from_label(label) == modality
+
+
+def test_synthetic_spec_sets_channels_and_rates() -> None:
+    from services.ingest.sources import parse_synthetic
+
+    assert parse_synthetic("eeg=32@1000, ecg@500,ppg") == (
+        ("eeg", "ecg", "ppg"),
+        {"eeg": 32},
+        {"eeg": 1000.0, "ecg": 500.0},
+    )
+    with open_source("synthetic:eeg=8@512,audio@16000", duration_s=1.0, block_seconds=0.5) as source:
+        specs = {spec.modality: spec for spec in source.specs()}
+        blocks = list(source.blocks())
+    assert specs[signal_pb2.MODALITY_EEG].channel_count == 8
+    assert specs[signal_pb2.MODALITY_EEG].nominal_rate_hz == 512.0
+    assert specs[signal_pb2.MODALITY_AUDIO].nominal_rate_hz == 16000.0
+    assert {b.sample_count for b in blocks if b.spec.modality == signal_pb2.MODALITY_EEG} == {256}
+    for bad in ("synthetic:eeg=x", "synthetic:eeg@fast", "synthetic:eeg=0"):
+        with pytest.raises(ValueError, match="synthetic stream"):
+            open_source(bad)
