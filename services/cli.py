@@ -123,7 +123,7 @@ async def stream_source(args: argparse.Namespace, label: str) -> int:
     if getattr(args, "block_seconds", None) is not None:
         options["block_seconds"] = args.block_seconds
     source = open_source(args.source, **options)
-    root_certificates = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    root_certificates = await asyncio.to_thread(Path(args.tls_ca).read_bytes) if args.tls_ca else None
     client = StreamClient(
         args.to,
         session_id=args.session or f"session-{uuid.uuid4().hex[:12]}",

@@ -5,11 +5,12 @@ to clisonix.signals.raw.v1 keyed by session, and answer once Kafka acknowledged 
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
@@ -65,6 +66,16 @@ class IngestMetrics:
         )
 
 
+@dataclass(frozen=True)
+class ModalityCounters:
+    """The per-modality counters' labelled children."""
+
+    chunks: Any
+    samples: Any
+    gaps: Any
+    duplicates: Any
+
+
 def modality_label(modality: int) -> str:
     """A bounded label for a Modality value."""
     try:
@@ -106,8 +117,26 @@ class IngestPipeline:
         self.book = StreamBook(settings.dedupe_window, settings.max_tracked_streams)
         # Writes in flight per (session, stream, sequence), so a duplicate of one can wait for its answer.
         self.in_flight: dict[tuple[str, str, int], asyncio.Future[signal_pb2.IngestAck]] = {}
-        self._stage = metrics.stage_latency_seconds
         self._service = metrics.service
+        # Labelled children looked up once: .labels() per chunk costs more than the checks themselves.
+        self._validate_seconds = metrics.stage_latency_seconds.labels(service=self._service, stage="validate")
+        self._produce_seconds = metrics.stage_latency_seconds.labels(service=self._service, stage="produce")
+        self._records_out = metrics.records_out_total.labels(service=self._service, topic=settings.topic_raw)
+        self._by_modality: dict[int, ModalityCounters] = {}
+
+    def _counters(self, modality: int) -> ModalityCounters:
+        counters = self._by_modality.get(modality)
+        if counters is None:
+            label = modality_label(modality)
+            metrics = self.ingest_metrics
+            counters = ModalityCounters(
+                chunks=metrics.chunks_in_total.labels(modality=label),
+                samples=metrics.samples_in_total.labels(modality=label),
+                gaps=metrics.gaps_total.labels(modality=label),
+                duplicates=metrics.duplicates_total.labels(modality=label),
+            )
+            self._by_modality[modality] = counters
+        return counters
 
     def new_rate_limit(self) -> TokenBucket:
         """The rate limit of one client (one Stream call)."""
@@ -136,7 +165,7 @@ class IngestPipeline:
         except ClisonixError as exc:
             self.reject(chunk, exc)
             raise
-        self._stage.labels(service=self._service, stage="validate").observe(time.perf_counter() - received)
+        self._validate_seconds.observe(time.perf_counter() - received)
 
         chunk.session_id = self.pseudonyms.pseudonym("session", chunk.session_id)
         chunk.subject_id = self.pseudonyms.pseudonym("subject", chunk.subject_id)
@@ -146,10 +175,10 @@ class IngestPipeline:
         except ClisonixError as exc:
             self.reject(chunk, exc)
             raise
-        modality = modality_label(chunk.modality)
+        counters = self._counters(chunk.modality)
         flight_key = (chunk.session_id, chunk.stream_id, chunk.sequence)
         if verdict.admission is not Admission.NEW:
-            self.ingest_metrics.duplicates_total.labels(modality=modality).inc()
+            counters.duplicates.inc()
             return self._duplicate_ack(chunk, verdict.location, flight_key)
         if rate_limit is not None and not rate_limit.take():
             self.book.failed(key, chunk.sequence)
@@ -161,9 +190,9 @@ class IngestPipeline:
             self.reject(chunk, error)
             raise error
         if verdict.gap:
-            self.ingest_metrics.gaps_total.labels(modality=modality).inc(verdict.gap)
+            counters.gaps.inc(verdict.gap)
 
-        chunk.ingest_time.GetCurrentTime()
+        chunk.ingest_time.FromNanoseconds(time.time_ns())
         value = chunk.SerializeToString()
         try:
             delivery = await self.producer.send(
@@ -200,11 +229,11 @@ class IngestPipeline:
             metadata = delivered.result()
             done = time.perf_counter()
             self.book.written(key, chunk.sequence, metadata.partition, metadata.offset)
-            self._stage.labels(service=self._service, stage="produce").observe(done - sent)
+            self._produce_seconds.observe(done - sent)
             self.ingest_metrics.ack_latency_seconds.observe(done - received)
-            self.ingest_metrics.chunks_in_total.labels(modality=modality).inc()
-            self.ingest_metrics.samples_in_total.labels(modality=modality).inc(chunk.sample_count)
-            self.metrics.records_out_total.labels(service=self._service, topic=self.settings.topic_raw).inc()
+            counters.chunks.inc()
+            counters.samples.inc(chunk.sample_count)
+            self._records_out.inc()
             state = self.book.state(key)
             ack_future.set_result(
                 signal_pb2.IngestAck(

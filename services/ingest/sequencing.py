@@ -31,7 +31,7 @@ class Verdict:
 
 @dataclass
 class StreamState:
-    layout: tuple[object, ...]
+    layout: str
     next_sequence: int
     written: OrderedDict[int, tuple[int, int]] = field(default_factory=OrderedDict)
     pending: set[int] = field(default_factory=set)
@@ -56,7 +56,7 @@ class StreamBook:
     def state(self, key: tuple[str, str]) -> StreamState | None:
         return self.streams.get(key)
 
-    def admit(self, key: tuple[str, str], sequence: int, layout: tuple[object, ...]) -> Verdict:
+    def admit(self, key: tuple[str, str], sequence: int, layout: str) -> Verdict:
         """Decides what to do with a valid chunk of stream `key`.
 
         Raises InvalidArgument when the stream changes its channel layout or its sequence goes backwards.

@@ -563,8 +563,8 @@ class WfdbSource(Source):
     """Replays a WFDB record: one stream per (rate, modality), int16 digital samples with gain and offset.
 
     Multi-frequency records (several samples per frame) give one stream per distinct signal rate. Missing
-    samples are left out (a gap in the timestamps); blocks with values beyond int16 fall back to float32. `duration_s` replays
-    only the first seconds.
+    samples are left out (a gap in the timestamps); blocks with values beyond int16 fall back to float32.
+    `duration_s` replays only the first seconds.
     """
 
     def __init__(
@@ -1207,8 +1207,8 @@ def parse_synthetic(text: str) -> tuple[tuple[str, ...], dict[str, int], dict[st
 
 
 def open_source(spec: str, **options: Any) -> Source:
-    """Opens a source from "KIND[:PATH]": synthetic[:eeg=32@1000,ecg@500,...], wfdb:RECORD, edf:FILE, bdf:FILE, xdf:FILE,
-    lsl:name=X | lsl:type=EEG | lsl:NAME, brainflow[:BOARD]. Options go to the source's constructor.
+    """Opens a source from "KIND[:PATH]": synthetic[:eeg=32@1000,ecg@500,...], wfdb:RECORD, edf:FILE,
+    bdf:FILE, xdf:FILE, lsl:name=X | lsl:type=EEG | lsl:NAME, brainflow[:BOARD]. Options go to the source.
     """
     kind, _, path = spec.partition(":")
     kind = kind.strip().lower()

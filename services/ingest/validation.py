@@ -78,12 +78,10 @@ def validate_chunk(chunk: signal_pb2.SignalChunk, max_channels: int) -> None:
             raise InvalidArgument("samples contain NaN or Inf", reason="non_finite_samples")
 
 
-def layout_of(chunk: signal_pb2.SignalChunk) -> tuple[object, ...]:
-    """What may not change within one stream: modality, channels, units, rate and sample format."""
-    return (
-        chunk.modality,
-        tuple(chunk.channel_names),
-        tuple(chunk.channel_units),
-        chunk.nominal_rate_hz,
-        chunk.sample_format,
-    )
+def layout_of(chunk: signal_pb2.SignalChunk) -> str:
+    """What may not change within one stream (modality, channels, units, rate, sample format), as one string."""
+    # One joined string compares faster than tuples of every channel name, on every chunk.
+    return "\x1f".join(
+        (str(chunk.modality), repr(chunk.nominal_rate_hz), str(chunk.sample_format), str(len(chunk.channel_names)),
+         *chunk.channel_names, *chunk.channel_units)
+    )  # fmt: skip
