@@ -75,7 +75,8 @@ class IngestServicer(signal_pb2_grpc.IngestServiceServicer):
                 if isinstance(answer, signal_pb2.IngestAck):
                     ack = answer
                 else:
-                    ack = await answer  # type: ignore[misc]
+                    # Shielded: a call that ends must not cancel a write's answer that duplicates also wait on.
+                    ack = await (asyncio.shield(answer) if isinstance(answer, asyncio.Future) else answer)  # type: ignore[misc]
                 window.release()
                 yield ack
         finally:

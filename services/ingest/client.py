@@ -69,6 +69,13 @@ class _ResendLater(Exception):
         self.delay_s = delay_s
 
 
+class _AckTimeout(Exception):
+    """Chunks were owed acks and none came for a while: the call is presumed dead."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no ack for {timeout_s:g} s while chunks were unacknowledged")
+
+
 class ReplayPacer:
     """When each block of a replay is due, in source seconds from the start of the replay.
 
@@ -104,6 +111,7 @@ class StreamClient:
     speed: replay pace relative to real time (1.0 real time, 10.0 ten times faster); None sends as fast as
     acks allow (live sources pace themselves). max_unacked: chunks in flight before waiting for acks.
     token: bearer token, when ingest requires one. root_certificates: PEM of the CA for TLS (None: plaintext).
+    ack_timeout_s: with chunks unacknowledged and no ack for this long, the call is dropped and they are resent.
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class StreamClient:
         reconnect_delay_s: float = 0.2,
         max_reconnect_delay_s: float = 5.0,
         give_up_after_s: float = 120.0,
+        ack_timeout_s: float = 30.0,
         keep_latencies: int = 100_000,
     ) -> None:
         self.target = target
@@ -130,6 +139,7 @@ class StreamClient:
         self.reconnect_delay_s = reconnect_delay_s
         self.max_reconnect_delay_s = max_reconnect_delay_s
         self.give_up_after_s = give_up_after_s
+        self.ack_timeout_s = ack_timeout_s
         self.keep_latencies = keep_latencies
         self.progress = StreamProgress()
         # Sent but not acknowledged, in send order: resent after a reconnect.
@@ -189,6 +199,12 @@ class StreamClient:
                 try:
                     await self._one_call(on_progress)
                     failing_since = None
+                except _AckTimeout as exc:
+                    self.progress.reconnects += 1
+                    log.warning(
+                        "no acks; reconnecting", extra={"fields": {"unacked": len(self.unacked), "why": str(exc)}}
+                    )
+                    continue
                 except _ResendLater as later:
                     # Throttled: not a failure; the chunks are still unacked and go again in order.
                     self.progress.throttled += 1
@@ -257,7 +273,17 @@ class StreamClient:
         async with self._channel() as channel:
             stub = signal_pb2_grpc.IngestServiceStub(channel)
             call = stub.Stream(self._requests(), metadata=self.metadata)
-            async for ack in call:
+            while True:
+                try:
+                    ack = await asyncio.wait_for(call.read(), self.ack_timeout_s)
+                except TimeoutError:
+                    if not self.unacked:
+                        continue  # nothing owed: the source is just slow
+                    # Chunks are owed but nothing came: give up on this call and resend on a new one.
+                    call.cancel()
+                    raise _AckTimeout(self.ack_timeout_s) from None
+                if ack is grpc.aio.EOF:
+                    return
                 self._on_ack(ack)
                 async with self._changed:
                     self._changed.notify_all()

@@ -221,10 +221,11 @@ class IngestPipeline:
             if delivered.cancelled() or error is not None:
                 self.book.failed(key, chunk.sequence)
                 name = "cancelled" if error is None else type(error).__name__
-                ack_future.set_exception(
-                    Unavailable(f"Kafka did not acknowledge the chunk: {name}", reason="kafka_unavailable")
-                )
-                ack_future.exception()  # marks it retrieved: nobody may be waiting any more
+                if not ack_future.done():
+                    ack_future.set_exception(
+                        Unavailable(f"Kafka did not acknowledge the chunk: {name}", reason="kafka_unavailable")
+                    )
+                    ack_future.exception()  # marks it retrieved: nobody may be waiting any more
                 return
             metadata = delivered.result()
             done = time.perf_counter()
@@ -235,6 +236,8 @@ class IngestPipeline:
             counters.samples.inc(chunk.sample_count)
             self._records_out.inc()
             state = self.book.state(key)
+            if ack_future.done():  # nobody is waiting for it any more; the write is accounted for above
+                return
             ack_future.set_result(
                 signal_pb2.IngestAck(
                     stream_id=chunk.stream_id,

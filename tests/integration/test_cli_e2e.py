@@ -34,7 +34,12 @@ async def run_cli(*args: str, timeout_s: float = 120.0) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
+    finally:
+        if process.returncode is None:  # timed out: leave nothing running behind the test
+            process.kill()
+            await process.wait()
     return process.returncode, output.decode()
 
 

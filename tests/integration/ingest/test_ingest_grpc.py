@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import urllib.request
 
@@ -15,7 +16,7 @@ from services.common.events import decode_event, header_value
 from services.ingest.chunks import physical_samples
 from services.ingest.client import StreamClient
 from tests.conftest import TEST_PSEUDONYM_KEY
-from tests.helpers import ECG, EEG, make_blocks, make_chunk, read_all, read_topic
+from tests.helpers import ECG, EEG, make_blocks, make_chunk, read_all, read_topic, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -183,14 +184,52 @@ async def test_client_over_its_rate_gets_resource_exhausted(ingest_service):
     assert all(a.retry_after_ms > 0 for a in limited)
 
 
-async def test_throttled_client_resends_and_every_chunk_arrives(ingest_service, broker):
-    service = await ingest_service(max_chunks_per_second=100.0, max_chunk_burst=10)
-    client = StreamClient(f"127.0.0.1:{service.grpc_port}", "session-throttled", speed=None)
-    progress = await client.run(make_blocks(60))
-    assert progress.throttled >= 1 and progress.rejected == 0 and progress.chunks_acked == 60
+@pytest.mark.parametrize("run", range(3))
+async def test_throttled_client_resends_and_every_chunk_arrives(ingest_service, broker, run):
+    # Throttling ends calls while earlier writes are still in flight: their acks must survive the call.
+    service = await ingest_service(max_chunks_per_second=400.0, max_chunk_burst=40)
+    client = StreamClient(f"127.0.0.1:{service.grpc_port}", "session-throttled", speed=None, ack_timeout_s=10)
+    progress = await asyncio.wait_for(client.run(make_blocks(300)), 60)
+    assert progress.throttled >= 1 and progress.rejected == 0 and progress.chunks_acked == 300
+    assert progress.reconnects == 0  # never had to give up on a call that owed acks
     records = await read_all(broker.bootstrap_servers, service.settings.topic_raw)
     sequences = {decode_event(signal_pb2.SignalChunk, r.value, r.headers)[0].sequence for r in records}
-    assert sequences == set(range(60))
+    assert sequences == set(range(300))
+
+
+async def test_client_drops_a_call_that_owes_acks_and_resends_on_a_new_one(ingest_service, broker):
+    """A server that takes chunks but never answers: the client gives up on the call after ack_timeout_s."""
+    service = await ingest_service()
+    calls = []
+
+    class Silent(signal_pb2_grpc.IngestServiceServicer):
+        async def Stream(self, request_iterator, context):
+            calls.append(1)
+            async for _ in request_iterator:
+                if len(calls) > 1:
+                    break
+            if len(calls) > 1:
+                return
+            await asyncio.Event().wait()
+            yield  # pragma: no cover
+
+    server = grpc.aio.server()
+    signal_pb2_grpc.add_IngestServiceServicer_to_server(Silent(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = {"value": f"127.0.0.1:{port}"}
+
+    class Redirecting(StreamClient):
+        def _channel(self):
+            return grpc.aio.insecure_channel(target["value"])
+
+    client = Redirecting("unused", "session-silent", speed=None, ack_timeout_s=1.0, reconnect_delay_s=0.05)
+    run = asyncio.create_task(client.run(make_blocks(5)))
+    await wait_for(lambda: client.progress.reconnects >= 1, timeout_s=20)
+    target["value"] = f"127.0.0.1:{service.grpc_port}"
+    progress = await asyncio.wait_for(run, 30)
+    await server.stop(0)
+    assert progress.chunks_acked == 5 and progress.rejected == 0
 
 
 async def test_bearer_token_guards_writes_but_not_health(ingest_service):
