@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -46,6 +47,24 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0, inter
         await asyncio.sleep(interval_s)
 
 
+@asynccontextmanager
+async def plain_consumer(bootstrap_servers: str, topic: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A plain aiokafka consumer of `topic` from the beginning, outside any group: what any Kafka user has."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=5,
+        group_id=None,
+    )
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
 async def read_topic(
     bootstrap_servers: str,
     topic: str,
@@ -53,17 +72,8 @@ async def read_topic(
     timeout_s: float = 30.0,
 ) -> list[ConsumerRecord]:
     """Reads `topic` from the beginning with a plain aiokafka consumer until `done(records)` holds."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=5,
-        group_id=None,
-    )
-    await consumer.start()
     records: list[ConsumerRecord] = []
-    try:
+    async with plain_consumer(bootstrap_servers, topic) as consumer:
         deadline = time.monotonic() + timeout_s
         while not done(records):
             if time.monotonic() > deadline:
@@ -71,8 +81,6 @@ async def read_topic(
             batches = await consumer.getmany(timeout_ms=200)
             for batch in batches.values():
                 records.extend(batch)
-    finally:
-        await consumer.stop()
     return records
 
 
@@ -80,17 +88,8 @@ async def read_all(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) 
     """Every record of `topic` now: reads until each partition's position reaches its fetch highwater
     (the embedded broker's ListOffsets answer is wrong after multi-record batches, the fetch highwater is not).
     """
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=5,
-        group_id=None,
-    )
-    await consumer.start()
     records: list[ConsumerRecord] = []
-    try:
+    async with plain_consumer(bootstrap_servers, topic) as consumer:
         deadline = time.monotonic() + timeout_s
         while True:
             batches = await consumer.getmany(timeout_ms=200)
@@ -105,5 +104,3 @@ async def read_all(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) 
                 return records
             if time.monotonic() > deadline:
                 raise AssertionError(f"{topic}: did not reach the highwater of every partition in {timeout_s} s")
-    finally:
-        await consumer.stop()

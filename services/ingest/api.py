@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -17,6 +17,15 @@ SERVICE_NAME = signal_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 WRITE_METHODS = (f"/{SERVICE_NAME}/Stream", f"/{SERVICE_NAME}/Append")
 
 _END = object()
+
+
+async def settle(answer: Awaitable[signal_pb2.IngestAck]) -> signal_pb2.IngestAck:
+    """Waits for a chunk's ack. A write's answer is shielded: duplicates of the chunk wait on it too, so a
+    call that ends (its client went away) must not cancel it.
+    """
+    if isinstance(answer, asyncio.Future):
+        return await asyncio.shield(answer)
+    return await answer
 
 
 class IngestServicer(signal_pb2_grpc.IngestServiceServicer):
@@ -35,7 +44,7 @@ class IngestServicer(signal_pb2_grpc.IngestServiceServicer):
     async def Append(self, request: signal_pb2.SignalChunk, context: grpc.aio.ServicerContext) -> signal_pb2.IngestAck:
         if self.draining.is_set():
             raise Unavailable("ingest is shutting down; send to another replica", reason="draining")
-        return await (await self.pipeline.submit(request))
+        return await settle(await self.pipeline.submit(request))
 
     async def Stream(
         self, request_iterator: AsyncIterator[signal_pb2.SignalChunk], context: grpc.aio.ServicerContext
@@ -75,8 +84,7 @@ class IngestServicer(signal_pb2_grpc.IngestServiceServicer):
                 if isinstance(answer, signal_pb2.IngestAck):
                     ack = answer
                 else:
-                    # Shielded: a call that ends must not cancel a write's answer that duplicates also wait on.
-                    ack = await (asyncio.shield(answer) if isinstance(answer, asyncio.Future) else answer)  # type: ignore[misc]
+                    ack = await settle(answer)  # type: ignore[arg-type]
                 window.release()
                 yield ack
         finally:

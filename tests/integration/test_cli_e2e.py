@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 
+import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -146,7 +147,7 @@ def port_offset() -> int:
     raise AssertionError("no free port offset found")
 
 
-async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint():
+async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint(tmp_path):
     offset = port_offset()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -155,6 +156,8 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint():
         "up",
         "--port-offset",
         str(offset),
+        "--log-dir",
+        str(tmp_path),
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -169,10 +172,7 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint():
                 logs = {p.name: p.read_text()[-2000:] for p in tmp_path.iterdir()}
                 raise AssertionError(f"clisonix up was not up in time; logs: {logs}") from None
             assert line, "clisonix up exited before it was up"
-        channel_target = f"127.0.0.1:{50051 + offset}"
-        import grpc
-
-        async with grpc.aio.insecure_channel(channel_target) as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{50051 + offset}") as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:

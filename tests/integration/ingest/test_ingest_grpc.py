@@ -277,7 +277,7 @@ async def test_metrics_count_chunks_samples_gaps_rejections_and_energy(ingest_se
         await stream_all(stub, [make_chunk(0), make_chunk(2), bad, make_chunk(0, spec=ECG)])
     service.runtime.energy_exporter.update()
     url = f"http://127.0.0.1:{service.runtime.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert 'clisonix_ingest_chunks_total{modality="eeg"} 2.0' in text
     assert 'clisonix_ingest_chunks_total{modality="ecg"} 1.0' in text
     assert 'clisonix_ingest_samples_total{modality="eeg"} 100.0' in text
