@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -289,9 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Ctrl-C and SIGTERM both stop a command cleanly, also where SIGINT was ignored when this process
+    # started (background jobs of a non-interactive shell inherit it ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     configure_logging("cli", args.log_level, "text")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     return int(args.func(args) or 0)

@@ -188,7 +188,7 @@ async def test_clisonix_demo_runs_the_main_job():
     assert "0 rejected" in output
 
 
-async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigint():
+async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigterm():
     from services.common.broker import free_port, metadata_answers
 
     port = free_port()
@@ -208,7 +208,7 @@ async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigint():
         assert f"127.0.0.1:{port}".encode() in line
         assert await asyncio.to_thread(metadata_answers, "127.0.0.1", port)
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(process.wait(), 30)
     assert code == 0
     assert not await asyncio.to_thread(metadata_answers, "127.0.0.1", port)
