@@ -13,8 +13,13 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common.logs import configure_logging
+
+if TYPE_CHECKING:
+    from services.common.broker import EmbeddedBroker
+    from services.processes import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECORD = REPO / "data" / "wfdb" / "100"
@@ -47,8 +52,8 @@ class Platform:
         self.port_offset = port_offset
         self.services = services
         self.log_dir = log_dir
-        self.broker = None
-        self.processes: list = []
+        self.broker: EmbeddedBroker | None = None
+        self.processes: list[ServiceProcess] = []
 
     def start(self) -> Platform:
         from services.common.broker import EmbeddedBroker
@@ -91,7 +96,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         platform.start()
         print("clisonix is up:\n" + platform.describe() + "\nCtrl-C stops everything.", flush=True)
-        while all(p.process.poll() is None for p in platform.processes):
+        while all(p.running for p in platform.processes):
             time.sleep(0.5)
         print("a service exited; stopping", file=sys.stderr)
         return 1

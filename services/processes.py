@@ -75,6 +75,11 @@ class ServiceProcess:
         wait_serving(self.target, timeout_s, self.process)
         return self
 
+    @property
+    def running(self) -> bool:
+        """True while the child process is alive."""
+        return self.process is not None and self.process.poll() is None
+
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM (the service drains), then SIGKILL after `timeout_s`; returns the exit code."""
         if self.process is None:

@@ -74,7 +74,8 @@ class EmbeddedBroker:
         if metadata_answers(self.host, self.port, timeout_s=0.5):
             raise RuntimeError(f"something already answers Kafka requests on {self.bootstrap_servers}")
         url = f"tcp://{self.host}:{self.port}"
-        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log_file = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        output = log_file if log_file is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
             stdout=output,
@@ -82,8 +83,8 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
-        if output is not subprocess.DEVNULL:
-            output.close()
+        if log_file is not None:
+            log_file.close()  # the child holds its own descriptor
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -44,6 +44,7 @@ def _wrap_handler(
         return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **codec)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(wrap_streaming(handler.unary_stream), **codec)
+    assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(wrap_streaming(handler.stream_stream), **codec)
 
 

@@ -10,7 +10,7 @@ from services.ingest.settings import IngestSettings
 
 
 async def main() -> None:
-    settings = IngestSettings()  # type: ignore[call-arg]  # required values come from the environment
+    settings = IngestSettings()  # required values come from the environment; missing ones fail here
     configure_service_logging(settings)
     service = IngestService(settings)
     service.runtime.lifecycle.install_signal_handlers()

@@ -284,6 +284,7 @@ class StreamClient:
                     raise _AckTimeout(self.ack_timeout_s) from None
                 if ack is grpc.aio.EOF:
                     return
+                assert isinstance(ack, signal_pb2.IngestAck)
                 self._on_ack(ack)
                 async with self._changed:
                     self._changed.notify_all()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -125,7 +126,7 @@ class StreamBook:
 class TokenBucket:
     """A rate limit: `rate` tokens per second, at most `burst` saved up."""
 
-    def __init__(self, rate: float, burst: int, clock: type[time.monotonic] | None = None) -> None:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] | None = None) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)

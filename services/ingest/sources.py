@@ -703,9 +703,9 @@ class EdfSource(Source):
                 pmin, pmax = reader.getPhysicalMinimum(i), reader.getPhysicalMaximum(i)
                 dmin, dmax = reader.getDigitalMinimum(i), reader.getDigitalMaximum(i)
                 gain = (pmax - pmin) / (dmax - dmin)
-                gains.append(gain)
+                gains.append(float(gain))
                 # The form edflib uses (bitvalue * (offset + digital)), so values match its readback.
-                offsets.append(gain * (pmax / gain - dmax))
+                offsets.append(float(gain * (pmax / gain - dmax)))
             self._streams.append((spec, g.indices, tuple(gains), tuple(offsets)))
         log.info("edf file opened", extra={"fields": {"streams": len(self._streams), "signals": n, "bdf": self.is_bdf}})
 
@@ -1234,6 +1234,6 @@ def open_source(spec: str, **options: Any) -> Source:
     if kind == "xdf":
         return XdfSource(path, **options)
     key, eq, value = path.partition("=")
-    if eq and key.strip().lower() in ("name", "type"):
-        return LslSource(**{key.strip().lower(): value.strip()}, **options)
-    return LslSource(name=path, **options)
+    if eq and key.strip().lower() == "type":
+        return LslSource(type=value.strip(), **options)
+    return LslSource(name=value.strip() if eq and key.strip().lower() == "name" else path, **options)

@@ -6,6 +6,7 @@ Every rule names a bounded `reason` for the rejected-chunks metric.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from clisonix.signal.v1 import signal_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
 
 MAX_ID_LENGTH = 128
-_FORMATS = {
+_FORMATS: dict[int, np.dtype[Any]] = {
     signal_pb2.SAMPLE_FORMAT_FLOAT32: np.dtype("<f4"),
     signal_pb2.SAMPLE_FORMAT_INT16: np.dtype("<i2"),
 }
