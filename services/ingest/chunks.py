@@ -12,6 +12,16 @@ import numpy as np
 from clisonix.signal.v1 import signal_pb2
 
 
+def modality_name(modality: int) -> str:
+    """The short lower-case name of a Modality value ("ecg" for MODALITY_ECG); "unknown" for other numbers,
+    so it is safe as a bounded metric label.
+    """
+    try:
+        return signal_pb2.Modality.Name(modality).removeprefix("MODALITY_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     """What one stream is: its id within the session, modality, channel layout and nominal rate."""

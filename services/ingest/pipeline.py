@@ -20,6 +20,7 @@ from clisonix.signal.v1 import signal_pb2
 from services.common.errors import ClisonixError, ResourceExhausted, Unavailable
 from services.common.kafka import EventProducer
 from services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
+from services.ingest.chunks import modality_name
 from services.ingest.pseudonyms import Pseudonymiser
 from services.ingest.sequencing import Admission, StreamBook, TokenBucket
 from services.ingest.settings import IngestSettings
@@ -76,14 +77,6 @@ class ModalityCounters:
     duplicates: Any
 
 
-def modality_label(modality: int) -> str:
-    """A bounded label for a Modality value."""
-    try:
-        return signal_pb2.Modality.Name(modality).removeprefix("MODALITY_").lower()  # type: ignore[arg-type]
-    except ValueError:
-        return "unknown"
-
-
 def rejected_ack(chunk: signal_pb2.SignalChunk, error: ClisonixError) -> signal_pb2.IngestAck:
     """The REJECTED ack for a chunk that was not written, with the status code number of the error."""
     import grpc  # the code numbers only; the pipeline otherwise knows nothing of gRPC
@@ -127,7 +120,7 @@ class IngestPipeline:
     def _counters(self, modality: int) -> ModalityCounters:
         counters = self._by_modality.get(modality)
         if counters is None:
-            label = modality_label(modality)
+            label = modality_name(modality)
             metrics = self.ingest_metrics
             counters = ModalityCounters(
                 chunks=metrics.chunks_in_total.labels(modality=label),

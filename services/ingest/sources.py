@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from clisonix.signal.v1 import signal_pb2
-from services.ingest.chunks import SampleBlock, StreamSpec
+from services.ingest.chunks import SampleBlock, StreamSpec, modality_name
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,6 @@ class Source(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def modality_name(modality: int) -> str:
-    """The short lower-case name of a Modality value, e.g. "ecg" for MODALITY_ECG."""
-    return signal_pb2.Modality.Name(modality).removeprefix("MODALITY_").lower()  # type: ignore[arg-type]
 
 
 # Standard ECG lead names as WFDB and EDF headers spell them (upper-cased).
