@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +55,27 @@ class EnergyReading:
         if earlier.source != self.source:
             raise ValueError(f"cannot subtract a {earlier.source} reading from a {self.source} reading")
         return EnergyReading(self.joules - earlier.joules, self.source, self.cpu_seconds - earlier.cpu_seconds)
+
+
+DEFAULT_PROC_STAT = Path("/proc/stat")
+
+
+def machine_busy_cpu_seconds(proc_stat: Path = DEFAULT_PROC_STAT) -> float:
+    """CPU seconds every core of this machine has spent busy since boot (user, nice, system, irq, softirq;
+    not idle, iowait or time stolen by a hypervisor), from the kernel's /proc/stat.
+    """
+    fields = proc_stat.read_text().split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu":
+        raise ValueError(f"{proc_stat} does not start with the aggregate cpu line")
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share(process_cpu_s: float, machine_busy_s: float) -> float:
+    """The part of the machine's busy CPU time that was this process's, between 0 and 1."""
+    if machine_busy_s <= 0:
+        return 0.0
+    return min(1.0, max(0.0, process_cpu_s / machine_busy_s))
 
 
 def co2_grams(joules: float, grid_intensity_g_per_kwh: float) -> float:

@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from services.common.energy import EnergyMeter, co2_grams
+from services.common.energy import DEFAULT_PROC_STAT, EnergyMeter, co2_grams, cpu_share, machine_busy_cpu_seconds
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,18 @@ class EnergyExporter:
     metrics: the service's metrics.
     service: value of the `service` label.
     grid_intensity_g_per_kwh: grams of CO2 per kWh of the local grid.
+    proc_stat: the kernel's CPU accounting. With the rapl source, which measures whole CPU packages, each
+        interval's package energy is attributed to this service by its share of the machine's busy CPU time,
+        so services sharing a machine do not each count all of it (None: no attribution).
     """
 
     def __init__(
-        self, meter: EnergyMeter, metrics: ServiceMetrics, service: str, grid_intensity_g_per_kwh: float
+        self,
+        meter: EnergyMeter,
+        metrics: ServiceMetrics,
+        service: str,
+        grid_intensity_g_per_kwh: float,
+        proc_stat: Path | None = DEFAULT_PROC_STAT,
     ) -> None:
         if grid_intensity_g_per_kwh < 0:
             raise ValueError(f"grid intensity must be >= 0, got {grid_intensity_g_per_kwh}")
@@ -127,19 +136,25 @@ class EnergyExporter:
         self._intensity = grid_intensity_g_per_kwh
         self._energy = metrics.energy_joules_total.labels(service=service, source=meter.source)
         self._co2 = metrics.co2_grams_total.labels(service=service)
-        self._last_joules = 0.0
+        self._last = meter.read()
+        self._proc_stat = proc_stat if meter.source == "rapl" else None
+        self._last_busy = machine_busy_cpu_seconds(proc_stat) if self._proc_stat is not None else 0.0
         # update() may run from the asyncio task and from a scrape or test thread at once.
         self._lock = threading.Lock()
 
     def update(self) -> float:
         """Reads the meter and adds the joules (and CO2) since the last update; returns the joules added."""
         with self._lock:
-            joules = self._meter.read().joules
-            delta = joules - self._last_joules
+            reading = self._meter.read()
+            delta = reading.joules - self._last.joules
             # Counters only go up; a smaller reading (float noise) is skipped, not subtracted.
             if delta <= 0:
                 return 0.0
-            self._last_joules = joules
+            if self._proc_stat is not None:
+                busy = machine_busy_cpu_seconds(self._proc_stat)
+                delta *= cpu_share(reading.cpu_seconds - self._last.cpu_seconds, busy - self._last_busy)
+                self._last_busy = busy
+            self._last = reading
             self._energy.inc(delta)
             self._co2.inc(co2_grams(delta, self._intensity))
             return delta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 from pathlib import Path
 
@@ -124,10 +125,56 @@ def test_exporter_labels_rapl_source(tmp_path: Path) -> None:
     (zone / "energy_uj").write_text("1000000\n")
     meter = EnergyMeter("rapl", powercap_root=tmp_path)
     metrics = ServiceMetrics.create("x")
-    exporter = EnergyExporter(meter, metrics, "x", 100.0)
+    exporter = EnergyExporter(meter, metrics, "x", 100.0, proc_stat=None)  # no attribution: all of it
     (zone / "energy_uj").write_text("4000000\n")
     assert exporter.update() == pytest.approx(3.0)
     assert sample(metrics.registry, "energy_joules_total", service="x", source="rapl") == 3.0
+
+
+def write_proc_stat(path: Path, busy_ticks: int, idle_ticks: int = 10_000) -> None:
+    """A /proc/stat whose aggregate line has `busy_ticks` of user time (plus some of nothing else)."""
+    path.write_text(f"cpu  {busy_ticks} 0 0 {idle_ticks} 0 0 0 0 0 0\ncpu0 {busy_ticks} 0 0 {idle_ticks} 0 0 0 0 0 0\n")
+
+
+def test_rapl_energy_is_attributed_by_the_process_share_of_busy_cpu(tmp_path: Path) -> None:
+    import os
+
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text("262143328850\n")
+    (zone / "energy_uj").write_text("0\n")
+    proc_stat = tmp_path / "stat"
+    write_proc_stat(proc_stat, busy_ticks=1_000)
+    meter = EnergyMeter("rapl", powercap_root=tmp_path)
+    exporter = EnergyExporter(meter, ServiceMetrics.create("x"), "x", 100.0, proc_stat=proc_stat)
+
+    before = meter.read().cpu_seconds
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # this process uses about 0.2 s of CPU
+        pass
+    used = meter.read().cpu_seconds - before
+    # Meanwhile the machine was busy for 10x that, and its packages used 100 J.
+    ticks = os.sysconf("SC_CLK_TCK")
+    write_proc_stat(proc_stat, busy_ticks=1_000 + round(10 * used * ticks))
+    (zone / "energy_uj").write_text("100000000\n")
+    assert exporter.update() == pytest.approx(10.0, rel=0.1)
+
+
+def test_cpu_share_and_busy_seconds(tmp_path: Path) -> None:
+    import os
+
+    from services.common.energy import cpu_share, machine_busy_cpu_seconds
+
+    assert cpu_share(1.0, 4.0) == 0.25
+    assert cpu_share(5.0, 4.0) == 1.0 and cpu_share(1.0, 0.0) == 0.0 and cpu_share(-1.0, 4.0) == 0.0
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal: idle, iowait and steal are not busy
+    stat.write_text("cpu  100 20 30 4000 500 6 7 800 0 0\n")
+    assert machine_busy_cpu_seconds(stat) == pytest.approx(163 / os.sysconf("SC_CLK_TCK"))
+    stat.write_text("intr 1 2 3\n")
+    with pytest.raises(ValueError):
+        machine_busy_cpu_seconds(stat)
 
 
 async def test_exporter_run_updates_until_stopped() -> None:
