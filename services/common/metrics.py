@@ -138,7 +138,7 @@ class EnergyExporter:
         self._co2 = metrics.co2_grams_total.labels(service=service)
         self._last = meter.read()
         self._proc_stat = proc_stat if meter.source == "rapl" else None
-        self._last_busy = machine_busy_cpu_seconds(proc_stat) if self._proc_stat is not None else 0.0
+        self._last_busy = machine_busy_cpu_seconds(self._proc_stat) if self._proc_stat is not None else 0.0
         # update() may run from the asyncio task and from a scrape or test thread at once.
         self._lock = threading.Lock()
 
