@@ -173,6 +173,8 @@ class IngestPipeline:
         if verdict.admission is not Admission.NEW:
             counters.duplicates.inc()
             return self._duplicate_ack(chunk, verdict.location, flight_key)
+        if verdict.gap:
+            counters.gaps.inc(verdict.gap)  # counted where the stream's state counts it, throttled or not
         if rate_limit is not None and not rate_limit.take():
             self.book.failed(key, chunk.sequence)
             error = ResourceExhausted(
@@ -182,8 +184,6 @@ class IngestPipeline:
             )
             self.reject(chunk, error)
             raise error
-        if verdict.gap:
-            counters.gaps.inc(verdict.gap)
 
         chunk.ingest_time.FromNanoseconds(time.time_ns())
         value = chunk.SerializeToString()
