@@ -22,6 +22,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import RecordMetadata, TopicPartition
 from google.protobuf.message import Message
 
+from services.common.errors import ClisonixError
 from services.common.events import EventAttributes, UndecodableEvent, decode_event, event_headers
 from services.common.settings import ServiceSettings
 
@@ -190,8 +191,6 @@ async def consume_events(
     and the consumer keeps going; any other handler error propagates (nothing is committed past it, so the
     record is re-read after a restart: at-least-once).
     """
-    from services.common.errors import ClisonixError
-
     while not stop.is_set():
         batches = await consumer.getmany(timeout_ms=100, max_records=max_records)
         if not batches:

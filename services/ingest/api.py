@@ -5,18 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from clisonix.signal.v1 import signal_pb2, signal_pb2_grpc
 from services.common.errors import ClisonixError, Unavailable
-from services.ingest.pipeline import IngestPipeline, rejected_ack
+from services.common.rpc import status_code
+from services.ingest.pipeline import IngestPipeline
 
 SERVICE_NAME = signal_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 WRITE_METHODS = (f"/{SERVICE_NAME}/Stream", f"/{SERVICE_NAME}/Append")
 
 _END = object()
+
+
+def rejected_ack(chunk: signal_pb2.SignalChunk, error: ClisonixError) -> signal_pb2.IngestAck:
+    """The REJECTED ack for a chunk that was not written, carrying the status code number of the error."""
+    retry_ms = max(1, math.ceil(error.retry_after_s * 1000)) if error.retry_after_s is not None else 0
+    return signal_pb2.IngestAck(
+        stream_id=chunk.stream_id,
+        sequence=chunk.sequence,
+        status=signal_pb2.ACK_STATUS_REJECTED,
+        code=status_code(error).value[0],
+        message=str(error),
+        retry_after_ms=retry_ms,
+    )
 
 
 async def settle(answer: Awaitable[signal_pb2.IngestAck]) -> signal_pb2.IngestAck:

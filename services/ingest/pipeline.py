@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -75,21 +74,6 @@ class ModalityCounters:
     samples: Any
     gaps: Any
     duplicates: Any
-
-
-def rejected_ack(chunk: signal_pb2.SignalChunk, error: ClisonixError) -> signal_pb2.IngestAck:
-    """The REJECTED ack for a chunk that was not written, with the status code number of the error."""
-    import grpc  # the code numbers only; the pipeline otherwise knows nothing of gRPC
-
-    code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL).value[0]
-    return signal_pb2.IngestAck(
-        stream_id=chunk.stream_id,
-        sequence=chunk.sequence,
-        status=signal_pb2.ACK_STATUS_REJECTED,
-        code=code,
-        message=str(error),
-        retry_after_ms=max(1, math.ceil(error.retry_after_s * 1000)) if error.retry_after_s is not None else 0,
-    )
 
 
 class IngestPipeline:

@@ -18,6 +18,7 @@ from services.common.metrics import (
     observe_seconds,
     start_metrics_server,
 )
+from tests.helpers import wait_for
 
 
 class FakeMeter(EnergyMeter):
@@ -184,7 +185,8 @@ async def test_exporter_run_updates_until_stopped() -> None:
     stop = asyncio.Event()
     meter.joules = 10.0
     task = asyncio.create_task(exporter.run(0.01, stop))
-    await asyncio.sleep(0.05)
+    # Wait for the running exporter to pick up the first reading, then change it.
+    await wait_for(lambda: sample(metrics.registry, "energy_joules_total", service="x", source="estimate") == 10.0)
     meter.joules = 25.0
     stop.set()
     await asyncio.wait_for(task, timeout=2)
