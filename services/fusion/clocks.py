@@ -1,0 +1,166 @@
+"""Online clock mapping of one stream onto the session clock: offset, drift, dejitter, resets and gaps.
+
+Each chunk contributes one point: its first sample's index within the current clock segment and its timestamp
+on the session clock (source timestamp plus the source's clock offset). A robust straight-line fit over the
+points of the last `fit_seconds` (as LSL's dejitter does, but over a bounded horizon) gives every sample a
+dejittered time and the stream's effective rate. The fit depends only on the chunks inside that horizon, never
+on how long the worker has been running, so a worker that re-reads the raw log from a committed offset maps the
+same samples to the same times.
+
+Pure: numpy only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+# Below this span of samples a fitted slope is mostly jitter: use the nominal rate instead.
+_MIN_FIT_SPAN_S = 2.0
+# Residuals beyond this many robust standard deviations (and beyond _MIN_OUTLIER_S) are dropped from the fit.
+_OUTLIER_SIGMAS = 4.0
+_MIN_OUTLIER_S = 0.002
+
+
+class Continuity(Enum):
+    """How a chunk follows the previous one of its stream."""
+
+    FIRST = "first"  # the first chunk of the stream this worker has seen
+    NEXT = "next"  # the next sequence number, at the time the fit predicts
+    GAP = "gap"  # sequence numbers were lost in between; its sample index was estimated from its timestamp
+    RESET = "reset"  # the source clock jumped, or the stream restarted at sequence 0: a new clock segment
+
+
+@dataclass(frozen=True)
+class ClockLine:
+    """Session time of sample index n: `time_s + slope_s * (n - index)`."""
+
+    index: int
+    time_s: float
+    slope_s: float  # seconds per sample on the session clock (1 / effective rate)
+    jitter_s: float  # RMS residual of the points around the line
+
+    def time_of(self, n: np.ndarray | int) -> np.ndarray | float:
+        return self.time_s + self.slope_s * (np.asarray(n) - self.index)
+
+    @property
+    def effective_rate_hz(self) -> float:
+        return 1.0 / self.slope_s
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one chunk goes: its clock segment, first sample index within it, and the line after it."""
+
+    continuity: Continuity
+    segment: int
+    index: int
+    line: ClockLine
+
+
+class StreamClock:
+    """Places the chunks of one stream, in sequence order, on the session clock.
+
+    nominal_rate_hz: the rate the source declares. fit_seconds: horizon of the fit. reset_seconds: how far a
+    timestamp may stray from the fit's prediction before it counts as a clock reset.
+    """
+
+    def __init__(self, nominal_rate_hz: float, fit_seconds: float, reset_seconds: float) -> None:
+        self.nominal_rate_hz = nominal_rate_hz
+        self.fit_seconds = fit_seconds
+        self.reset_seconds = reset_seconds
+        self.segment = -1
+        self._points: deque[tuple[int, float]] = deque()  # (sample index, session time) of recent chunks
+        self._line: ClockLine | None = None
+        self._last_sequence = -1
+        self._last_source_time = -np.inf
+        self._next_index = 0  # index of the sample after the last placed chunk
+
+    @property
+    def line(self) -> ClockLine | None:
+        return self._line
+
+    def place(self, sequence: int, source_time_s: float, offset_s: float, sample_count: int) -> Placement:
+        """Places the next chunk (sequence numbers increasing; holes mean lost chunks).
+
+        source_time_s: its first sample's timestamp on the source clock; offset_s: source-to-session offset.
+        """
+        session_time = source_time_s + offset_s
+        line = self._line
+        if line is None:
+            continuity = Continuity.FIRST
+        elif sequence == 0 or source_time_s < self._last_source_time:
+            continuity = Continuity.RESET  # restart, or a source clock that went backwards
+        elif sequence == self._last_sequence + 1:
+            predicted = float(line.time_of(self._next_index))
+            continuity = Continuity.NEXT if abs(session_time - predicted) <= self.reset_seconds else Continuity.RESET
+        else:
+            predicted = float(line.time_of(self._next_index))
+            # Lost chunks can only move the next timestamp forward, and not beyond what they could have held.
+            lost = sequence - self._last_sequence - 1
+            longest = (lost + 1) * max(sample_count, 1) * line.slope_s * 4 + self.reset_seconds
+            ahead = session_time - predicted
+            continuity = Continuity.GAP if -self.reset_seconds <= ahead <= longest else Continuity.RESET
+
+        if continuity in (Continuity.FIRST, Continuity.RESET):
+            self.segment += 1
+            self._points.clear()
+            index = 0
+        elif continuity is Continuity.GAP:
+            assert line is not None
+            skipped = max(0, round((session_time - float(line.time_of(self._next_index))) / line.slope_s))
+            index = self._next_index + skipped
+        else:
+            index = self._next_index
+
+        self._points.append((index, session_time))
+        while self._points and self._points[0][1] < session_time - self.fit_seconds:
+            self._points.popleft()
+        self._line = self._fit(index, session_time)
+        self._last_sequence = sequence
+        self._last_source_time = source_time_s
+        self._next_index = index + sample_count
+        return Placement(continuity, self.segment, index, self._line)
+
+    def _fit(self, last_index: int, last_time: float) -> ClockLine:
+        """A robust line through the recent points, relative to the newest one (so only differences matter)."""
+        x = np.fromiter((p[0] - last_index for p in self._points), dtype=np.float64, count=len(self._points))
+        y = np.fromiter((p[1] - last_time for p in self._points), dtype=np.float64, count=len(self._points))
+        nominal_slope = 1.0 / self.nominal_rate_hz
+        if len(x) < 3 or (x[-1] - x[0]) * nominal_slope < _MIN_FIT_SPAN_S:
+            intercept = float(np.median(y - x * nominal_slope))
+            residual = y - (intercept + x * nominal_slope)
+            return ClockLine(last_index, last_time + intercept, nominal_slope, _rms(residual))
+        keep = np.ones(len(x), dtype=bool)
+        slope, intercept = nominal_slope, 0.0
+        for _ in range(2):
+            slope, intercept = _least_squares(x[keep], y[keep])
+            residual = y - (intercept + slope * x)
+            mad = float(np.median(np.abs(residual[keep] - np.median(residual[keep]))))
+            limit = max(_OUTLIER_SIGMAS * 1.4826 * mad, _MIN_OUTLIER_S)
+            new_keep = np.abs(residual) <= limit
+            if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
+                break
+            keep = new_keep
+        residual = y[keep] - (intercept + slope * x[keep])
+        if slope <= 0:  # timestamps that do not advance: fall back on the nominal rate
+            slope = nominal_slope
+        return ClockLine(last_index, last_time + intercept, slope, _rms(residual))
+
+
+def _least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    x_mean = float(x.mean())
+    y_mean = float(y.mean())
+    dx = x - x_mean
+    denominator = float(dx @ dx)
+    if denominator == 0.0:
+        return 0.0, y_mean
+    slope = float(dx @ (y - y_mean)) / denominator
+    return slope, y_mean - slope * x_mean
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(values * values))) if len(values) else 0.0

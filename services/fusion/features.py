@@ -1,0 +1,429 @@
+"""Features of one stream within a fused window: EEG band powers, R-peaks and heart rate, pulse peaks and pulse
+rate, respiration rate, tonic skin conductance, audio level and spectral centroid, motion intensity.
+
+Pure: numpy and scipy, no I/O. Fusion hands each stream over resampled onto a uniform grid, with
+CONTEXT_SECONDS[modality] of signal before the window (NaN where the stream had no data), and gets a
+StreamFeatures message back. The same input always gives the same message bytes.
+
+The beat detectors follow neurokit2's published algorithms (ecg_findpeaks method "neurokit", ppg_findpeaks method
+"elgendi", Elgendi et al. 2013) re-written on whole arrays: neurokit2's versions loop in Python over every complex,
+its ECG one keeps only positive R waves, its PPG one raises on a signal without pulses, and importing it pulls in
+pandas and matplotlib.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage, signal
+
+from clisonix.fusion.v1 import fusion_pb2
+from clisonix.signal.v1 import signal_pb2
+
+# Seconds of signal before the window start that each modality's features need; modalities not listed need none.
+# ECG: the QRS threshold averages 0.75 s and a few beats give the RR median. PPG: the 0.5 Hz band-pass settles and
+# pulses are slower. Respiration: at least two breaths even at 6 per minute. EDA: the tonic low-pass sees the
+# slow trend rather than one skin conductance response.
+CONTEXT_SECONDS: dict[int, float] = {
+    signal_pb2.MODALITY_EEG: 0.0,
+    signal_pb2.MODALITY_ECG: 4.0,
+    signal_pb2.MODALITY_PPG: 6.0,
+    signal_pb2.MODALITY_RESPIRATION: 20.0,
+    signal_pb2.MODALITY_EDA: 8.0,
+    signal_pb2.MODALITY_AUDIO: 0.0,
+    signal_pb2.MODALITY_MOTION: 0.0,
+}
+
+# EEG bands in Hz, [low, high).
+EEG_BANDS: tuple[tuple[str, float, float], ...] = (
+    ("delta", 1.0, 4.0),
+    ("theta", 4.0, 8.0),
+    ("alpha", 8.0, 13.0),
+    ("beta", 13.0, 30.0),
+    ("gamma", 30.0, 45.0),
+)
+
+# Window-level features (EEG, EDA, audio, motion) are computed only when at least this fraction of the window's
+# samples are valid; gaps below it are bridged by linear interpolation.
+MIN_VALID_FRACTION = 0.5
+
+# Beats closer than this to a missing sample are dropped: interpolation across a gap can make a step that looks
+# like a QRS or a pulse upstroke.
+_GAP_GUARD_S = 0.05
+# Radius of the search for the extremum of a detected beat; the same samples give the same extremum whichever
+# window finds the beat, which is what keeps each beat in exactly one window.
+_ECG_REFINE_S = 0.05
+_PPG_REFINE_S = 0.08
+# Shortest accepted interval between beats: 240 per minute, room for ventricular tachycardia.
+_MIN_BEAT_INTERVAL_S = 0.25
+
+
+@dataclass(frozen=True)
+class FeatureInput:
+    """One stream of one window on a uniform grid, with context before the window.
+
+    `samples` is (channels, n) float64; NaN where the stream had no data. Sample i is at start_s + i / rate_hz on
+    the session clock, and the last one ends at window_end_s. Beats (R-peaks, pulse peaks) are reported only when
+    their time is in [report_from_s, report_to_s), so that consecutive windows report every beat once.
+    """
+
+    modality: int  # a signal_pb2.Modality value
+    channel_names: tuple[str, ...]
+    samples: np.ndarray
+    rate_hz: float
+    start_s: float
+    window_start_s: float
+    window_end_s: float
+    report_from_s: float
+    report_to_s: float
+
+
+def stream_features(data: FeatureInput) -> fusion_pb2.StreamFeatures:
+    """The features of one stream for one window; an empty message for modalities without features.
+
+    Never raises on short, flat or missing data: features that cannot be determined are left unset (optional
+    fields), empty (lists), or, for modalities whose features are plain numbers, the whole kind is left unset.
+    """
+    compute = _BY_MODALITY.get(data.modality)
+    samples = np.asarray(data.samples, dtype=np.float64)
+    if samples.ndim == 1:
+        samples = samples[None, :]
+    if compute is None or samples.ndim != 2 or samples.shape[1] == 0 or not data.rate_hz > 0:
+        return fusion_pb2.StreamFeatures()
+    # inf is as useless as NaN to every feature below.
+    samples = np.where(np.isfinite(samples), samples, np.nan)
+    return compute(data, samples)
+
+
+# --- per modality ------------------------------------------------------------------------------------------
+
+
+def _eeg(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+    window = samples[:, _window_index(data, samples.shape[1]) :]
+    eeg = fusion_pb2.EegFeatures()
+    rate = data.rate_hz
+    n = window.shape[1]
+    # Below a quarter second (or 8 samples) no band is resolved.
+    if n < max(8, round(0.25 * rate)):
+        return fusion_pb2.StreamFeatures(eeg=eeg)
+    usable = np.ones(window.shape[0], dtype=bool)
+    if np.isnan(window).any():
+        window = window.copy()
+        for channel in np.flatnonzero(np.isnan(window).any(axis=1)):
+            filled = _filled(window[channel], min_valid=MIN_VALID_FRACTION * n)
+            usable[channel] = filled is not None
+            window[channel] = filled[0] if filled is not None else 0.0
+    # One-second Hann segments, half overlapping: 1 Hz resolution, three segments in a 2 s window.
+    nperseg = min(n, max(8, round(rate)))
+    freqs, psd = signal.welch(window, fs=rate, nperseg=nperseg, noverlap=nperseg // 2, axis=-1)
+    df = freqs[1] - freqs[0]
+    bands = np.stack([(freqs >= low) & (freqs < high) for _, low, high in EEG_BANDS], axis=1).astype(np.float64)
+    powers = psd @ bands * df
+    names = _channel_names(data, window.shape[0])
+    for channel in np.flatnonzero(usable):
+        delta, theta, alpha, beta, gamma = (float(p) for p in powers[channel])
+        eeg.channels.add(channel=names[channel], delta=delta, theta=theta, alpha=alpha, beta=beta, gamma=gamma)
+    return fusion_pb2.StreamFeatures(eeg=eeg)
+
+
+def _ecg(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+    ecg = fusion_pb2.EcgFeatures()
+    beats = _beat_times(data, samples, _qrs_peaks, _ECG_REFINE_S, absolute=True)
+    if beats is not None:
+        reported, intervals = beats
+        ecg.r_peak_times_s.extend(reported)
+        ecg.rr_intervals_s.extend(intervals)
+        if intervals:
+            ecg.heart_rate_bpm = 60.0 / float(np.median(intervals))
+    return fusion_pb2.StreamFeatures(ecg=ecg)
+
+
+def _ppg(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+    ppg = fusion_pb2.PpgFeatures()
+    beats = _beat_times(data, samples, _systolic_peaks, _PPG_REFINE_S, absolute=False)
+    if beats is not None:
+        reported, intervals = beats
+        ppg.pulse_peak_times_s.extend(reported)
+        if intervals:
+            ppg.pulse_rate_bpm = 60.0 / float(np.median(intervals))
+    return fusion_pb2.StreamFeatures(ppg=ppg)
+
+
+def _respiration(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+    respiration = fusion_pb2.RespirationFeatures()
+    x = samples[_best_channel(samples)]
+    filled = _filled(x, min_valid=MIN_VALID_FRACTION * x.size)
+    if filled is not None:
+        rate_bpm = _breaths_per_minute(filled[0], data.rate_hz)
+        if rate_bpm is not None:
+            respiration.respiration_rate_bpm = rate_bpm
+    return fusion_pb2.StreamFeatures(respiration=respiration)
+
+
+def _eda(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+    eda = fusion_pb2.EdaFeatures()
+    x = samples[_best_channel(samples)]
+    start = _window_index(data, x.size)
+    valid = ~np.isnan(x)
+    filled = _filled(x, min_valid=2)
+    if filled is not None and valid[start:].sum() >= max(1.0, MIN_VALID_FRACTION * (x.size - start)):
+        # The tonic level is the slow part below 0.05 Hz (neurokit2's and Biopac's split into tonic and
+        # phasic); zero-phase, so it is not delayed against the window.
+        tonic = _zero_phase(filled[0], _lowpass_sos(data.rate_hz, 0.05), data.rate_hz)
+        eda.tonic_level = float(np.median(tonic[start:][valid[start:]]))
+    return fusion_pb2.StreamFeatures(eda=eda)
+
+
+def _audio(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+    window = samples[:, _window_index(data, samples.shape[1]) :]
+    valid = ~np.isnan(window)
+    if window.shape[1] < 2 or valid.sum() < max(2.0, MIN_VALID_FRACTION * window.size):
+        return fusion_pb2.StreamFeatures()
+    rms = float(np.sqrt(np.mean(np.square(window[valid]))))
+    # Missing samples count as silence in the spectrum; the DC bin is left out so an offset does not pull the
+    # centroid towards 0 Hz.
+    centred = np.where(valid, window - np.nanmean(window, axis=1, keepdims=True), 0.0)
+    magnitude = np.abs(np.fft.rfft(centred * _hann(window.shape[1]), axis=1)).sum(axis=0)[1:]
+    freqs = np.fft.rfftfreq(window.shape[1], d=1.0 / data.rate_hz)[1:]
+    total = float(magnitude.sum())
+    centroid = float(freqs @ magnitude) / total if total > 0 else 0.0
+    return fusion_pb2.StreamFeatures(audio=fusion_pb2.AudioFeatures(rms=rms, spectral_centroid_hz=centroid))
+
+
+def _motion(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+    window = samples[:, _window_index(data, samples.shape[1]) :]
+    complete = ~np.isnan(window).any(axis=0)
+    if complete.sum() < max(2.0, MIN_VALID_FRACTION * window.shape[1]):
+        return fusion_pb2.StreamFeatures()
+    magnitude = np.sqrt(np.sum(np.square(window[:, complete]), axis=0))
+    magnitude_rms = float(np.sqrt(np.mean(np.square(magnitude - magnitude.mean()))))
+    return fusion_pb2.StreamFeatures(motion=fusion_pb2.MotionFeatures(magnitude_rms=magnitude_rms))
+
+
+_BY_MODALITY: dict[int, Callable[[FeatureInput, np.ndarray], fusion_pb2.StreamFeatures]] = {
+    signal_pb2.MODALITY_EEG: _eeg,
+    signal_pb2.MODALITY_ECG: _ecg,
+    signal_pb2.MODALITY_PPG: _ppg,
+    signal_pb2.MODALITY_RESPIRATION: _respiration,
+    signal_pb2.MODALITY_EDA: _eda,
+    signal_pb2.MODALITY_AUDIO: _audio,
+    signal_pb2.MODALITY_MOTION: _motion,
+}
+
+
+# --- beats -------------------------------------------------------------------------------------------------
+
+
+def _beat_times(
+    data: FeatureInput,
+    samples: np.ndarray,
+    detect: Callable[[np.ndarray, float], np.ndarray],
+    refine_s: float,
+    *,
+    absolute: bool,
+) -> tuple[list[float], list[float]] | None:
+    """Beats of the best channel: the times to report and the intervals between beats found before report_to_s.
+
+    `detect` gives candidate sample indices on the gap-filled signal; each is moved to the extremum within
+    refine_s (of |x - median| when `absolute`, else of x) with sub-sample parabolic interpolation. None when the
+    channel has fewer than two valid samples.
+    """
+    x = samples[_best_channel(samples)]
+    filled = _filled(x, min_valid=2)
+    if filled is None:
+        return None
+    values, valid = filled
+    rate = data.rate_hz
+    candidates = detect(values, rate)
+    if candidates.size == 0:
+        return [], []
+    shape = np.abs(values - np.median(values[valid])) if absolute else values
+    positions = _refined(shape, candidates, max(1, round(refine_s * rate)))
+    # Drop beats at or near missing samples, and remember which intervals cross a gap.
+    missing_before = np.concatenate(([0], np.cumsum(~valid)))
+    guard = max(1, round(_GAP_GUARD_S * rate))
+    nearest = np.clip(np.rint(positions).astype(np.int64), 0, values.size - 1)
+    low = np.clip(nearest - guard, 0, values.size)
+    high = np.clip(nearest + guard + 1, 0, values.size)
+    clean = missing_before[high] == missing_before[low]
+    positions, nearest = positions[clean], nearest[clean]
+    times = data.start_s + positions / rate
+    before_end = times < data.report_to_s
+    times, nearest = times[before_end], nearest[before_end]
+    reported = times[times >= data.report_from_s]
+    no_gap_between = missing_before[nearest[1:]] == missing_before[nearest[:-1]]
+    intervals = np.diff(times)[no_gap_between]
+    return [float(t) for t in reported], [float(i) for i in intervals]
+
+
+def _qrs_peaks(x: np.ndarray, rate: float) -> np.ndarray:
+    """Sample indices of R-peaks: neurokit2's gradient method (Makowski et al. 2021), both QRS polarities.
+
+    QRS complexes are where the 0.1 s smoothed absolute gradient exceeds 1.5 times its 0.75 s average; runs
+    shorter than 0.4 times their mean length are dropped; the R-peak is the largest |x - median| in the run.
+    """
+    if x.size < 3:
+        return np.empty(0, dtype=np.int64)
+    slope = ndimage.uniform_filter1d(np.abs(np.gradient(x)), _samples(0.1, rate), mode="nearest")
+    average = ndimage.uniform_filter1d(slope, _samples(0.75, rate), mode="nearest")
+    begins, ends = _runs(slope > 1.5 * average)
+    if begins.size == 0:
+        return np.empty(0, dtype=np.int64)
+    lengths = ends - begins
+    keep = lengths >= 0.4 * lengths.mean()
+    deviation = np.abs(x - np.median(x))
+    peaks = [b + int(np.argmax(deviation[b:e])) for b, e in zip(begins[keep], ends[keep], strict=True)]
+    return _spaced(np.asarray(peaks, dtype=np.int64), _samples(_MIN_BEAT_INTERVAL_S, rate))
+
+
+def _systolic_peaks(x: np.ndarray, rate: float) -> np.ndarray:
+    """Sample indices of systolic peaks: Elgendi et al. (2013), as neurokit2's ppg_findpeaks "elgendi".
+
+    The signal is band-passed 0.5-8 Hz (zero phase); its squared positive part is averaged over 0.111 s (a peak)
+    and 0.667 s (a beat); blocks where the first exceeds the second plus 2 % of the mean, and last at least
+    0.111 s, hold one systolic peak each: the block's maximum.
+    """
+    sos = _bandpass_sos(rate, 0.5, 8.0)
+    if sos is None or x.size < _samples(1.0, rate):
+        return np.empty(0, dtype=np.int64)
+    cleaned = _zero_phase(x - np.mean(x), sos, rate)
+    squared = np.square(np.clip(cleaned, 0.0, None))
+    peak_average = ndimage.uniform_filter1d(squared, _samples(0.111, rate), mode="nearest")
+    beat_average = ndimage.uniform_filter1d(squared, _samples(0.667, rate), mode="nearest")
+    begins, ends = _runs(peak_average > beat_average + 0.02 * squared.mean())
+    keep = ends - begins >= _samples(0.111, rate)
+    peaks = [b + int(np.argmax(cleaned[b:e])) for b, e in zip(begins[keep], ends[keep], strict=True)]
+    return _spaced(np.asarray(peaks, dtype=np.int64), _samples(0.3, rate))
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[begin, end) of the runs of True that start and end inside the mask (not those cut by its edges)."""
+    edges = np.diff(mask.astype(np.int8))
+    begins = np.flatnonzero(edges == 1) + 1
+    ends = np.flatnonzero(edges == -1) + 1
+    if begins.size == 0:
+        return begins, begins
+    ends = ends[ends > begins[0]]
+    begins = begins[: ends.size]
+    return begins, ends
+
+
+def _spaced(peaks: np.ndarray, min_distance: int) -> np.ndarray:
+    """The peaks, in order, each kept only if it is more than min_distance after the last kept one."""
+    kept: list[int] = []
+    for peak in peaks:
+        if not kept or peak - kept[-1] > min_distance:
+            kept.append(int(peak))
+    return np.asarray(kept, dtype=np.int64)
+
+
+def _refined(shape: np.ndarray, candidates: np.ndarray, radius: int) -> np.ndarray:
+    """Fractional indices of the maxima of `shape` within `radius` of each candidate, unique and in order.
+
+    The vertex of the parabola through the maximum and its neighbours places a peak between samples.
+    """
+    n = shape.size
+    offsets = np.arange(-radius, radius + 1)
+    around = np.clip(candidates[:, None] + offsets[None, :], 0, n - 1)
+    peaks = np.unique(around[np.arange(candidates.size), np.argmax(shape[around], axis=1)])
+    inner = peaks[(peaks > 0) & (peaks < n - 1)]
+    left, centre, right = shape[inner - 1], shape[inner], shape[inner + 1]
+    curvature = left - 2.0 * centre + right
+    shift = np.zeros(inner.size)
+    curved = curvature < 0
+    shift[curved] = 0.5 * (left[curved] - right[curved]) / curvature[curved]
+    positions = peaks.astype(np.float64)
+    positions[(peaks > 0) & (peaks < n - 1)] += np.clip(shift, -0.5, 0.5)
+    return positions
+
+
+# --- respiration ---------------------------------------------------------------------------------------------
+
+
+def _breaths_per_minute(x: np.ndarray, rate: float) -> float | None:
+    """Breaths per minute from the median interval between inhalation peaks; None when under two are found.
+
+    The signal is band-passed 0.05-1 Hz (zero phase), which also removes spikes and cardiac ripple; peaks must
+    be 1.5 s apart (at most 40 per minute) and stand out by 30 % of the 5-95 percentile range.
+    """
+    sos = _bandpass_sos(rate, 0.05, 1.0)
+    if sos is None or x.size < _samples(6.0, rate):
+        return None
+    breathing = _zero_phase(x - np.mean(x), sos, rate)
+    low, high = np.percentile(breathing, [5.0, 95.0])
+    if not high > low:
+        return None
+    peaks, _ = signal.find_peaks(breathing, distance=_samples(1.5, rate), prominence=0.3 * (high - low))
+    if peaks.size < 2:
+        return None
+    return 60.0 * rate / float(np.median(np.diff(peaks)))
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _window_index(data: FeatureInput, n: int) -> int:
+    """Index of the first sample of the window proper (after the context)."""
+    return int(np.clip(round((data.window_start_s - data.start_s) * data.rate_hz), 0, n))
+
+
+def _best_channel(samples: np.ndarray) -> int:
+    """The channel with the most valid samples; the first one on ties."""
+    return int(np.argmax((~np.isnan(samples)).sum(axis=1)))
+
+
+def _channel_names(data: FeatureInput, count: int) -> list[str]:
+    """The given channel names, padded with their indices when fewer names than channels were given."""
+    return [data.channel_names[i] if i < len(data.channel_names) else str(i) for i in range(count)]
+
+
+def _filled(x: np.ndarray, *, min_valid: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """x with NaN runs bridged linearly (held at the edges), and its validity mask; None below min_valid
+    valid samples (and below two).
+    """
+    valid = ~np.isnan(x)
+    count = int(valid.sum())
+    if count < max(2.0, min_valid):
+        return None
+    if count == x.size:
+        return x, valid
+    index = np.arange(x.size)
+    return np.interp(index, index[valid], x[valid]), valid
+
+
+def _samples(seconds: float, rate: float) -> int:
+    """A duration in samples, at least one."""
+    return max(1, round(seconds * rate))
+
+
+def _zero_phase(x: np.ndarray, sos: np.ndarray, rate: float) -> np.ndarray:
+    """x filtered forwards and backwards, padded by odd reflection of up to one second at each edge."""
+    if x.size < 2:
+        return x.copy()
+    return np.asarray(signal.sosfiltfilt(sos, x, padlen=min(x.size - 1, _samples(1.0, rate))))
+
+
+@lru_cache(maxsize=16)
+def _hann(n: int) -> np.ndarray:
+    """The Hann window of n samples (cached: audio windows are long and always the same length)."""
+    return np.hanning(n)
+
+
+@lru_cache(maxsize=64)
+def _bandpass_sos(rate: float, low_hz: float, high_hz: float) -> np.ndarray | None:
+    """Butterworth band-pass (order 2 per edge) as second-order sections, the high edge kept below Nyquist;
+    None when the rate is too low for the band.
+    """
+    high_hz = min(high_hz, 0.45 * rate)
+    if not high_hz > 2.0 * low_hz:
+        return None
+    return np.asarray(signal.butter(2, [low_hz, high_hz], btype="bandpass", fs=rate, output="sos"))
+
+
+@lru_cache(maxsize=64)
+def _lowpass_sos(rate: float, cutoff_hz: float) -> np.ndarray:
+    """Butterworth low-pass of order 2 as second-order sections; the cutoff kept below Nyquist."""
+    return np.asarray(signal.butter(2, min(cutoff_hz, 0.45 * rate), btype="lowpass", fs=rate, output="sos"))

@@ -1,0 +1,102 @@
+"""Causal filters and resampling of one stream's samples onto a window's grid (scipy.signal).
+
+Pure: numpy and scipy only. Filters start from rest at the first sample they are given (the window's warm-up
+start, scaled to the first value to avoid a step), so a window's content depends only on its bounded history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+from scipy import signal
+
+# resample_poly's up/down factors stay small; the exact remainder of the rate ratio is taken up by
+# interpolating onto the window's grid from the dejittered sample times.
+_MAX_RATIO_DENOMINATOR = 32
+
+
+@dataclass(frozen=True)
+class FilterPlan:
+    """The causal filters for one (modality, rate): second-order sections applied in order, and their names."""
+
+    sections: tuple[np.ndarray, ...]
+    names: tuple[str, ...]
+
+
+@lru_cache(maxsize=256)
+def filter_plan(
+    rate_hz: float, band_hz: tuple[float, float] | None, order: int, mains_hz: float | None, notch_quality: float
+) -> FilterPlan:
+    """Designs a Butterworth band-pass (high edge capped below Nyquist) and a mains notch where they fit."""
+    nyquist = rate_hz / 2.0
+    sections: list[np.ndarray] = []
+    names: list[str] = []
+    if band_hz is not None:
+        low, high = band_hz
+        high = min(high, 0.9 * nyquist)
+        if 0 < low < high:
+            sections.append(signal.butter(order, [low, high], btype="bandpass", fs=rate_hz, output="sos"))
+            names.append(f"butterworth bandpass {low:g}-{high:g} Hz order {order} (causal)")
+    if mains_hz is not None and mains_hz < 0.95 * nyquist:
+        b, a = signal.iirnotch(mains_hz, notch_quality, fs=rate_hz)
+        sections.append(signal.tf2sos(b, a))
+        names.append(f"notch {mains_hz:g} Hz Q {notch_quality:g} (causal)")
+    return FilterPlan(tuple(sections), tuple(names))
+
+
+@lru_cache(maxsize=256)
+def _zi(sos_bytes: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    return signal.sosfilt_zi(np.frombuffer(sos_bytes).reshape(shape))
+
+
+def apply_causal(plan: FilterPlan, samples: np.ndarray) -> np.ndarray:
+    """Filters (channels, n) samples causally, each filter starting in steady state at the first sample."""
+    out = samples
+    for sos in plan.sections:
+        zi = _zi(sos.tobytes(), sos.shape)
+        initial = zi[:, None, :] * out[None, :, 0:1]  # (sections, channels, 2)
+        out, _ = signal.sosfilt(sos, out, axis=1, zi=initial)
+    return out
+
+
+def resample_to_grid(
+    samples: np.ndarray,
+    times_s: np.ndarray,
+    valid: np.ndarray,
+    grid_start_s: float,
+    grid_count: int,
+    rate_hz: float,
+) -> np.ndarray:
+    """Resamples (channels, n) samples taken at dejittered `times_s` onto grid_start_s + i / rate_hz.
+
+    `valid` marks real samples (False: a held value bridging a gap). resample_poly first brings the stream to
+    about the grid rate (anti-aliasing when it goes down), then linear interpolation on the true sample times
+    takes up the remaining ratio, drift and the grid's phase. Grid points outside the samples, or nearest to
+    a bridged gap, are NaN.
+    """
+    channels, count = samples.shape
+    grid = grid_start_s + np.arange(grid_count) / rate_hz
+    out = np.full((channels, grid_count), np.nan)
+    if count < 2:
+        return out
+    slope = (times_s[-1] - times_s[0]) / (count - 1)
+    ratio = Fraction(rate_hz * slope).limit_denominator(_MAX_RATIO_DENOMINATOR)
+    if ratio.numerator > 0 and ratio != 1 and count >= 8:
+        up, down = ratio.numerator, ratio.denominator
+        resampled = signal.resample_poly(samples, up, down, axis=1, padtype="line")
+        resampled_times = times_s[0] + np.arange(resampled.shape[1]) * slope * down / up
+    else:
+        resampled, resampled_times = samples, times_s
+    inside = (grid >= times_s[0]) & (grid <= times_s[-1])
+    if not inside.any():
+        return out
+    g = grid[inside]
+    for c in range(channels):
+        out[c, inside] = np.interp(g, resampled_times, resampled[c])
+    # A grid point is missing when the source sample nearest to it is a bridged gap.
+    nearest = np.clip(np.rint((g - times_s[0]) / slope).astype(np.int64), 0, count - 1)
+    out[:, np.flatnonzero(inside)[~valid[nearest]]] = np.nan
+    return out

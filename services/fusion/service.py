@@ -1,0 +1,81 @@
+"""Wires the fusion service: consumer group, producer, dead letters, worker, health/reflection, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka import AIOKafkaConsumer
+
+from services.common.kafka import DeadLetters, consumer_options, ensure_topics, kafka_producer
+from services.common.rpc import GrpcServer
+from services.common.runtime import ServiceRuntime
+from services.fusion.handlers import SOURCE, FusionMetrics, FusionWorker
+from services.fusion.settings import FusionSettings
+
+log = logging.getLogger(__name__)
+
+
+class FusionService:
+    """The running fusion worker. `await start()`, then `await runtime.lifecycle.run_until_stopped()`."""
+
+    def __init__(self, settings: FusionSettings, runtime: ServiceRuntime | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime or ServiceRuntime(settings)
+        self.grpc: GrpcServer | None = None
+        self.worker: FusionWorker | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def grpc_port(self) -> int:
+        assert self.grpc is not None, "not started"
+        return self.grpc.port
+
+    async def start(self) -> None:
+        settings = self.settings
+        runtime = self.runtime
+        stack = runtime.lifecycle.stack
+        await runtime.start()
+        if settings.create_topics:
+            await ensure_topics(settings, [settings.topic_raw, settings.topic_fused, settings.topic_deadletter])
+        producer = await stack.enter_async_context(kafka_producer(settings, SOURCE))
+        dead_letters = DeadLetters(
+            producer.producer,
+            settings.topic_deadletter,
+            settings.consumer_group,
+            lambda reason: runtime.metrics.deadlettered_total.labels(settings.service_name, reason).inc(),
+        )
+        consumer = AIOKafkaConsumer(**consumer_options(settings, settings.consumer_group))
+        self.worker = FusionWorker(
+            settings, consumer, producer, dead_letters, runtime.metrics, FusionMetrics.create(runtime.metrics)
+        )
+        consumer.subscribe([settings.topic_raw], listener=self.worker.listener())
+        await consumer.start()
+        stop = asyncio.Event()
+        self._task = asyncio.create_task(self.worker.run(stop), name="fusion-worker")
+        self._task.add_done_callback(self._worker_ended)
+
+        async def stop_worker() -> None:
+            stop.set()
+            if self._task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            await consumer.stop()  # leaves the group, so the partitions move on at once
+
+        stack.push_async_callback(stop_worker)
+        self.grpc = GrpcServer(settings, [], lambda server: None)
+        await runtime.serve_grpc(self.grpc)
+        log.info(
+            "fusion ready",
+            extra={"fields": {"grpc_port": self.grpc.port, "topic_in": settings.topic_raw, "topic_out": settings.topic_fused}},
+        )
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fusion worker failed", exc_info=task.exception())
+            self.runtime.lifecycle.stop.set()  # a dead worker must not look healthy
+
+    async def stop(self) -> None:
+        self.runtime.lifecycle.stop.set()
+        await self.runtime.lifecycle.shutdown()

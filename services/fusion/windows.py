@@ -1,0 +1,416 @@
+"""The windows of one session: watermark, rendering of each stream onto the window's grid, features.
+
+Pure: numpy, scipy and protobuf only (no Kafka, no gRPC), so it is tested and benchmarked on its own.
+
+A window [k * hop, k * hop + length) on the session clock is emitted once every live stream has covered its end,
+or once the furthest stream is `lateness` past it (a stream that stayed behind is then silent: marked missing or
+gapped). Its content depends only on the raw chunks within a bounded span before its end (filter warm-up,
+feature context, clock-fit horizon), never on wall-clock time, so re-computing it from the log gives the same id
+and the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from clisonix.fusion.v1 import fusion_pb2
+from clisonix.signal.v1 import signal_pb2
+from services.fusion.clocks import Continuity
+from services.fusion.features import CONTEXT_SECONDS, FeatureInput, stream_features
+from services.fusion.filters import FilterPlan, apply_causal, filter_plan, resample_to_grid
+from services.fusion.streams import PlacedChunk, RawChunk, StreamState
+from services.ingest.chunks import modality_name
+
+WINDOW_ID_NAMESPACE = uuid.UUID("6f1c5e0a-2b7d-5c3e-9a41-0c1a5f3e7b21")
+# Samples of unfiltered streams before the window's context, so resampling starts settled.
+_RESAMPLE_MARGIN_S = 0.25
+# Consecutive samples at a channel's extreme that count as clipping (a flat top).
+_CLIP_RUN = 4
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """What shapes every window (from FusionSettings)."""
+
+    window_seconds: float = 2.0
+    hop_seconds: float = 1.0
+    filter_warmup_seconds: float = 4.0
+    peak_latency_seconds: float = 0.3
+    clock_fit_seconds: float = 10.0
+    clock_reset_seconds: float = 0.5
+    lateness_seconds: float = 2.0
+    mains_hz: float = 50.0
+    eeg_band_hz: tuple[float, float] = (0.5, 45.0)
+    ecg_band_hz: tuple[float, float] = (0.5, 40.0)
+    filter_order: int = 4
+    notch_quality: float = 30.0
+    output_rates_hz: Mapping[str, float] | None = None
+    max_streams: int = 64
+
+    def output_rate(self, modality: int) -> float:
+        rates = self.output_rates_hz or {}
+        return float(rates.get(modality_name(modality), rates.get("other", 128.0)))
+
+    def filters(self, modality: int, rate_hz: float) -> FilterPlan | None:
+        if modality == signal_pb2.MODALITY_EEG:
+            band = self.eeg_band_hz
+        elif modality == signal_pb2.MODALITY_ECG:
+            band = self.ecg_band_hz
+        else:
+            return None
+        return filter_plan(rate_hz, band, self.filter_order, self.mains_hz, self.notch_quality)
+
+    def context_seconds(self, modality: int) -> float:
+        return CONTEXT_SECONDS.get(modality, 0.0)
+
+    @property
+    def history_seconds(self) -> float:
+        """How far before a window's start its content may look (samples of the longest context)."""
+        longest_context = max([0.0, *CONTEXT_SECONDS.values()])
+        return longest_context + max(self.filter_warmup_seconds, _RESAMPLE_MARGIN_S)
+
+    @property
+    def retain_seconds(self) -> float:
+        """How far before the next window the raw log must stay readable: history plus the clock fit's horizon,
+        plus a hop of slack for streams that interleave unevenly in the log.
+        """
+        return self.history_seconds + self.clock_fit_seconds + self.hop_seconds
+
+
+def window_id(session_id: str, start_s: float) -> str:
+    """The window's id: a UUIDv5 of the session and the window start (in microseconds)."""
+    return str(uuid.uuid5(WINDOW_ID_NAMESPACE, f"{session_id}/{round(start_s * 1e6)}"))
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """A window ready to produce, with what the worker measures about it."""
+
+    window: fusion_pb2.FusedWindow
+    stage_seconds: Mapping[str, float]
+
+
+class SessionWindows:
+    """The fusion state of one session: its streams and the next window to emit."""
+
+    def __init__(self, session_id: str, config: WindowConfig, events: Counter[str] | None = None) -> None:
+        self.session_id = session_id
+        self.config = config
+        self.events: Counter[str] = events if events is not None else Counter()
+        self.streams: dict[str, StreamState] = {}
+        self.next_index: int | None = None
+        # Windows before this were emitted by whoever read the log before this worker (see add()).
+        self.warm_from_s = -math.inf
+        self.emitted_any = False
+
+    # --- input ------------------------------------------------------------------------------------------
+
+    def add(self, raw: RawChunk) -> None:
+        """Takes one raw chunk (already validated). Raises ValueError for a stream that changed its layout."""
+        chunk = raw.chunk
+        stream = self.streams.get(chunk.stream_id)
+        if stream is None:
+            if len(self.streams) >= self.config.max_streams:
+                raise ValueError(f"session has more than {self.config.max_streams} streams")
+            stream = StreamState(
+                chunk,
+                self.config.clock_fit_seconds,
+                self.config.clock_reset_seconds,
+                self.config.lateness_seconds,
+                self.events,
+            )
+            self.streams[chunk.stream_id] = stream
+        elif not stream.matches(chunk):
+            raise ValueError("stream changed its channels, rate or modality mid-session")
+        placed = stream.add(raw)
+        if not self.emitted_any and math.isfinite(stream.known_from_s):
+            # This worker started reading mid-stream (after a rebalance or crash): windows whose history
+            # reaches before what it read were produced before, from the full history; skip them.
+            self.warm_from_s = max(self.warm_from_s, stream.known_from_s + self.config.retain_seconds)
+        if placed and self.next_index is None:
+            self.next_index = self._first_index_from(placed[0].start_s)
+
+    def _first_index_from(self, time_s: float) -> int:
+        """The first window starting at or after `time_s` (and after the warm-up of a mid-log start)."""
+        return math.ceil(max(time_s, self.warm_from_s) / self.config.hop_seconds - 1e-9)
+
+    # --- watermark --------------------------------------------------------------------------------------
+
+    def _bounds(self, index: int) -> tuple[float, float]:
+        start = index * self.config.hop_seconds
+        return start, start + self.config.window_seconds
+
+    def _lead_s(self) -> float:
+        return max((s.covered_to_s for s in self.streams.values()), default=-math.inf)
+
+    def _ready(self, index: int, flushing: bool) -> bool:
+        start, end = self._bounds(index)
+        lead = self._lead_s()
+        # Sample times come from a fitted line: allow for rounding at the very end.
+        end -= 1e-6
+        if lead < end:
+            return flushing and lead > start
+        for stream in self.streams.values():
+            if stream.first_time_s >= end or stream.covered_to_s >= end:
+                continue
+            if stream.covered_to_s >= lead - self.config.lateness_seconds and not flushing:
+                return False  # a live stream has not covered the window yet
+        return True
+
+    def _skip_empty(self) -> None:
+        """Jumps over windows no stream has samples in (a clock reset that jumps ahead, a long pause)."""
+        assert self.next_index is not None
+        start, _ = self._bounds(self.next_index)
+        after = [p.start_s for s in self.streams.values() for p in s.placed if p.end_s > start]
+        if not after:
+            return
+        first_overlapping = math.floor((min(after) - self.config.window_seconds) / self.config.hop_seconds) + 1
+        self.next_index = max(self.next_index, first_overlapping)
+
+    def take_ready(self, flushing: bool = False) -> list[Emitted]:
+        """Renders and returns every window that is ready, in order; `flushing` emits what the streams have
+        (the session went idle)."""
+        if flushing:
+            for stream in self.streams.values():
+                stream.flush()
+        out: list[Emitted] = []
+        if self.next_index is None:
+            return out
+        if math.isfinite(self.warm_from_s):
+            self.next_index = max(self.next_index, self._first_index_from(self.warm_from_s))
+        while self._ready(self.next_index, flushing):
+            emitted = self.render(self.next_index)
+            self.next_index += 1
+            if emitted is None:
+                self._skip_empty()
+            else:
+                out.append(emitted)
+                self.emitted_any = True
+        self._forget()
+        return out
+
+    def _forget(self) -> None:
+        if self.next_index is None:
+            return
+        start, _ = self._bounds(self.next_index)
+        for stream in self.streams.values():
+            stream.forget_before(start - self.config.history_seconds, start - self.config.retain_seconds)
+        # A stream silent for longer than the retained history is gone; if it comes back, it starts afresh.
+        for stream_id in [
+            sid
+            for sid, s in self.streams.items()
+            if s.covered_to_s < start - self.config.retain_seconds and not s.waiting
+        ]:
+            del self.streams[stream_id]
+
+    def needed_offset(self) -> int | None:
+        """The lowest raw-topic offset any future window of this session (or its clock fits) may need."""
+        offsets = [o for o in (s.needed_offset() for s in self.streams.values()) if o is not None]
+        return min(offsets) if offsets else None
+
+    @property
+    def idle(self) -> bool:
+        """True when no stream holds anything a future window could use."""
+        return not self.streams
+
+    # --- rendering --------------------------------------------------------------------------------------
+
+    def render(self, index: int) -> Emitted | None:
+        """The window `index` from what the streams hold; None when no stream has a sample in it."""
+        start, end = self._bounds(index)
+        window = fusion_pb2.FusedWindow(
+            session_id=self.session_id,
+            window_id=window_id(self.session_id, start),
+            start_s=start,
+            end_s=end,
+            window_index=index,
+        )
+        timings: Counter[str] = Counter()
+        any_samples = False
+        for stream_id in sorted(self.streams):
+            stream = self.streams[stream_id]
+            if stream.first_time_s >= end or stream.covered_to_s < start - self.config.lateness_seconds:
+                continue
+            block = self._render_stream(stream, start, end, timings)
+            any_samples = any_samples or block.coverage > 0
+            window.streams.append(block)
+        if not any_samples:
+            return None
+        return Emitted(window, dict(timings))
+
+    def _render_stream(
+        self, stream: StreamState, start: float, end: float, timings: Counter[str]
+    ) -> fusion_pb2.StreamWindow:
+        config = self.config
+        rate = config.output_rate(stream.modality)
+        window_count = round((end - start) * rate)
+        context = config.context_seconds(stream.modality)
+        plan = config.filters(stream.modality, stream.nominal_rate_hz)
+        warmup = config.filter_warmup_seconds if plan is not None else _RESAMPLE_MARGIN_S
+        # Grid points before the window: the feature context plus the filter warm-up, whole grid steps.
+        context_count = round(context * rate)
+        warmup_count = round(warmup * rate)
+        grid_start = start - (context_count + warmup_count) / rate
+        block = fusion_pb2.StreamWindow(
+            stream_id=stream.stream_id,
+            modality=stream.modality,  # type: ignore[arg-type]
+            channel_names=stream.channel_names,
+            channel_units=stream.channel_units,
+            sample_rate_hz=rate,
+            sample_count=window_count,
+            nominal_rate_hz=stream.nominal_rate_hz,
+        )
+        chunks = _segment_chunks(stream, grid_start, start, end)
+        channels = len(stream.channel_names)
+        if not chunks:
+            block.samples = np.full((channels, window_count), np.nan, dtype="<f4").tobytes()
+            block.quality.missing = True
+            block.features.CopyFrom(fusion_pb2.StreamFeatures())
+            return block
+
+        t0 = time.perf_counter()
+        line = chunks[-1].line
+        samples, valid, first_index = _contiguous(chunks)
+        times = np.asarray(line.time_of(first_index + np.arange(samples.shape[1])))
+        keep = (times >= grid_start - 2 * line.slope_s) & (times <= end + 2 * line.slope_s)
+        samples, valid, times = samples[:, keep], valid[keep], times[keep]
+        t1 = time.perf_counter()
+        if plan is not None and samples.shape[1] > 0:
+            samples = apply_causal(plan, samples)
+            block.filters.extend(plan.names)
+        t2 = time.perf_counter()
+        grid_count = context_count + warmup_count + window_count
+        on_grid = resample_to_grid(samples, times, valid, grid_start, grid_count, rate)
+        t3 = time.perf_counter()
+
+        window_part = on_grid[:, -window_count:] if window_count else on_grid[:, :0]
+        block.samples = np.ascontiguousarray(window_part, dtype="<f4").tobytes()
+        valid_points = ~np.isnan(window_part).any(axis=0) if channels else np.zeros(window_count, dtype=bool)
+        block.coverage = float(valid_points.mean()) if window_count else 0.0
+        in_window = (times >= start) & (times < end)
+        raw_window = samples[:, in_window & valid] if plan is None else _raw_in_window(chunks, start, end)
+        lost_inside = any(
+            c.continuity is Continuity.GAP and start < c.start_s <= end for c in chunks
+        )
+        block.quality.missing = block.coverage == 0.0
+        block.quality.gap = (0.0 < block.coverage < 1.0) or lost_inside
+        block.quality.flat = _flat(raw_window)
+        block.quality.clipped = _clipped(raw_window) or any(
+            c.at_digital_limit.any() for c in chunks if c.end_s > start and c.start_s < end
+        )
+        segment_start = chunks[0].start_s if chunks[0].continuity is Continuity.RESET else -math.inf
+        block.quality.reset = grid_start <= segment_start < end
+        block.effective_rate_hz = line.effective_rate_hz
+        first = chunks[0]
+        block.clock_offset_s = float(line.time_of(first.index)) - first.source_time_s
+        block.jitter_s = line.jitter_s
+        block.chunks.first_sequence = min(c.sequence for c in chunks)
+        block.chunks.last_sequence = max(c.sequence for c in chunks)
+        block.chunks.chunk_count = len(chunks)
+        block.chunks.partition = first.partition
+        block.chunks.first_offset = min(c.offset for c in chunks)
+        block.chunks.last_offset = max(c.offset for c in chunks)
+
+        report_to = end - config.peak_latency_seconds
+        report_from = report_to - config.hop_seconds
+        stream_start = chunks[0].start_s if chunks[0].continuity in (Continuity.FIRST, Continuity.RESET) else -math.inf
+        if stream_start > start - config.hop_seconds:
+            # The first window of a stream (or of a clock segment) also reports what precedes its usual span.
+            report_from = min(report_from, max(stream_start, start))
+        feature_part = on_grid[:, warmup_count:]
+        features = stream_features(
+            FeatureInput(
+                modality=stream.modality,
+                channel_names=stream.channel_names,
+                samples=feature_part,
+                rate_hz=rate,
+                start_s=start - context_count / rate,
+                window_start_s=start,
+                window_end_s=end,
+                report_from_s=report_from,
+                report_to_s=report_to,
+            )
+        )
+        block.features.CopyFrom(features)
+        t4 = time.perf_counter()
+        timings["assemble"] += t1 - t0
+        timings["filter"] += t2 - t1
+        timings["resample"] += t3 - t2
+        timings["features"] += t4 - t3
+        return block
+
+
+def _segment_chunks(stream: StreamState, grid_start: float, start: float, end: float) -> list[PlacedChunk]:
+    """The stream's chunks feeding a window: one clock segment only (the one covering most of the window),
+    from the grid start to the window end, in sample order."""
+    overlap: Counter[int] = Counter()
+    for chunk in stream.placed:
+        covered = min(chunk.end_s, end) - max(chunk.start_s, start)
+        if covered > 0:
+            overlap[chunk.segment] += covered
+    if not overlap:
+        return []
+    best = max(overlap.values())
+    segment = min(s for s, v in overlap.items() if v == best)  # ties: the older segment
+    chunks = [c for c in stream.placed if c.segment == segment and c.end_s > grid_start and c.start_s < end]
+    chunks.sort(key=lambda c: c.index)
+    return chunks
+
+
+def _contiguous(chunks: list[PlacedChunk]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The chunks' samples on consecutive sample indices: holes held at the last value and marked invalid."""
+    first_index = chunks[0].index
+    total = chunks[-1].index + chunks[-1].count - first_index
+    channels = chunks[0].samples.shape[0]
+    samples = np.empty((channels, total))
+    valid = np.zeros(total, dtype=bool)
+    filled_to = 0
+    for chunk in chunks:
+        lo = chunk.index - first_index
+        if lo > filled_to:
+            samples[:, filled_to:lo] = samples[:, filled_to - 1 : filled_to] if filled_to else chunk.samples[:, :1]
+        hi = lo + chunk.count
+        samples[:, lo:hi] = chunk.samples
+        valid[lo:hi] = True
+        filled_to = max(filled_to, hi)
+    return samples, valid, first_index
+
+
+def _raw_in_window(chunks: list[PlacedChunk], start: float, end: float) -> np.ndarray:
+    """Unfiltered samples of the chunks whose times fall inside the window (for the flat and clip checks)."""
+    parts = []
+    for chunk in chunks:
+        times = np.asarray(chunk.line.time_of(chunk.index + np.arange(chunk.count)))
+        inside = (times >= start) & (times < end)
+        if inside.any():
+            parts.append(chunk.samples[:, inside])
+    return np.concatenate(parts, axis=1) if parts else np.empty((chunks[0].samples.shape[0], 0))
+
+
+def _flat(samples: np.ndarray) -> bool:
+    """A channel that does not change at all over the window."""
+    if samples.shape[1] < 2:
+        return False
+    return bool((np.ptp(samples, axis=1) == 0).any())
+
+
+def _clipped(samples: np.ndarray) -> bool:
+    """A channel that sits at its window maximum or minimum for several consecutive samples (a flat top)."""
+    if samples.shape[1] < _CLIP_RUN:
+        return False
+    for channel in samples:
+        if np.ptp(channel) == 0:
+            continue
+        for extreme in (channel.max(), channel.min()):
+            at = (channel == extreme).astype(np.int8)
+            run = np.convolve(at, np.ones(_CLIP_RUN, dtype=np.int8), mode="valid")
+            if (run == _CLIP_RUN).any():
+                return True
+    return False
