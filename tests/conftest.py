@@ -76,3 +76,51 @@ async def ingest_service(ingest_settings: Callable[..., object]) -> AsyncIterato
     yield start
     for service in reversed(started):
         await service.stop()
+
+
+@pytest.fixture
+def fusion_settings(broker: EmbeddedBroker, topic_name: Callable[[str], str]) -> Callable[..., object]:
+    """Builds FusionSettings for a test: loopback, port 0, unique topics and group; keyword arguments override."""
+    from services.fusion.settings import FusionSettings
+
+    group = topic_name("fusion-group")
+
+    def make(**overrides: object) -> FusionSettings:
+        values: dict[str, object] = {
+            "kafka_bootstrap_servers": broker.bootstrap_servers,
+            "grpc_host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
+            "topic_raw": topic_name("raw"),
+            "topic_fused": topic_name("fused"),
+            "topic_deadletter": topic_name("deadletter"),
+            "consumer_group": group,
+            "kafka_request_timeout_ms": 5000,
+            "kafka_session_timeout_ms": 6000,
+            "idle_flush_seconds": 2.0,
+            "drain_seconds": 0.5,
+            "log_format": "text",
+        }
+        values.update(overrides)
+        return FusionSettings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+async def fusion_service(fusion_settings: Callable[..., object]) -> AsyncIterator[Callable[..., object]]:
+    """Starts in-process fusion workers (real consumer group, real broker); stops them after the test."""
+    from services.fusion.service import FusionService
+
+    started: list[FusionService] = []
+
+    async def start(**overrides: object) -> FusionService:
+        service = FusionService(fusion_settings(**overrides))  # type: ignore[arg-type]
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in reversed(started):
+        await service.stop()

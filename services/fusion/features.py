@@ -85,13 +85,15 @@ def stream_features(data: FeatureInput) -> fusion_pb2.StreamFeatures:
     """The features of one stream for one window; an empty message for modalities without features.
 
     Never raises on short, flat or missing data: features that cannot be determined are left unset (optional
-    fields), empty (lists), or, for modalities whose features are plain numbers, the whole kind is left unset.
+    fields) or empty (lists); EEG channels with under MIN_VALID_FRACTION valid samples are left out; for audio
+    and motion, whose features are plain numbers, the whole kind is left unset; and with no samples at all (or
+    no rate) the message is empty.
     """
     compute = _BY_MODALITY.get(data.modality)
     samples = np.asarray(data.samples, dtype=np.float64)
     if samples.ndim == 1:
         samples = samples[None, :]
-    if compute is None or samples.ndim != 2 or samples.shape[1] == 0 or not data.rate_hz > 0:
+    if compute is None or samples.ndim != 2 or 0 in samples.shape or not data.rate_hz > 0:
         return fusion_pb2.StreamFeatures()
     # inf is as useless as NaN to every feature below.
     samples = np.where(np.isfinite(samples), samples, np.nan)
@@ -185,7 +187,9 @@ def _audio(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures
     rms = float(np.sqrt(np.mean(np.square(window[valid]))))
     # Missing samples count as silence in the spectrum; the DC bin is left out so an offset does not pull the
     # centroid towards 0 Hz.
-    centred = np.where(valid, window - np.nanmean(window, axis=1, keepdims=True), 0.0)
+    zeroed = np.where(valid, window, 0.0)
+    means = zeroed.sum(axis=1, keepdims=True) / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    centred = np.where(valid, zeroed - means, 0.0)
     magnitude = np.abs(np.fft.rfft(centred * _hann(window.shape[1]), axis=1)).sum(axis=0)[1:]
     freqs = np.fft.rfftfreq(window.shape[1], d=1.0 / data.rate_hz)[1:]
     total = float(magnitude.sum())

@@ -90,7 +90,8 @@ def resample_to_grid(
         resampled_times = times_s[0] + np.arange(resampled.shape[1]) * slope * down / up
     else:
         resampled, resampled_times = samples, times_s
-    inside = (grid >= times_s[0]) & (grid <= times_s[-1])
+    # A sample stands for the sampling period after it: the last one covers the grid up to one period on.
+    inside = (grid >= times_s[0]) & (grid < times_s[-1] + slope)
     if not inside.any():
         return out
     g = grid[inside]

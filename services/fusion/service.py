@@ -68,7 +68,13 @@ class FusionService:
         await runtime.serve_grpc(self.grpc)
         log.info(
             "fusion ready",
-            extra={"fields": {"grpc_port": self.grpc.port, "topic_in": settings.topic_raw, "topic_out": settings.topic_fused}},
+            extra={
+                "fields": {
+                    "grpc_port": self.grpc.port,
+                    "topic_in": settings.topic_raw,
+                    "topic_out": settings.topic_fused,
+                }
+            },
         )
 
     def _worker_ended(self, task: asyncio.Task[None]) -> None:

@@ -196,8 +196,8 @@ class StreamState:
         self.placed.append(placed)
         self.retained.append((placed.end_s, raw.offset))
         self.first_time_s = min(self.first_time_s, placed.start_s)
-        self.covered_to_s = placed.end_s if placement.continuity is Continuity.RESET else max(
-            self.covered_to_s, placed.end_s
+        self.covered_to_s = (
+            placed.end_s if placement.continuity is Continuity.RESET else max(self.covered_to_s, placed.end_s)
         )
         return placed
 

@@ -296,9 +296,7 @@ class SessionWindows:
         block.coverage = float(valid_points.mean()) if window_count else 0.0
         in_window = (times >= start) & (times < end)
         raw_window = samples[:, in_window & valid] if plan is None else _raw_in_window(chunks, start, end)
-        lost_inside = any(
-            c.continuity is Continuity.GAP and start < c.start_s <= end for c in chunks
-        )
+        lost_inside = any(c.continuity is Continuity.GAP and start < c.start_s <= end for c in chunks)
         block.quality.missing = block.coverage == 0.0
         block.quality.gap = (0.0 < block.coverage < 1.0) or lost_inside
         block.quality.flat = _flat(raw_window)
