@@ -16,7 +16,7 @@ from collections import Counter
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata, TopicPartition
 from prometheus_client import Counter as PromCounter
@@ -134,7 +134,7 @@ class FusionWorker:
         """The rebalance listener to subscribe with: commits what is safe and drops revoked partitions' state."""
         worker = self
 
-        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        class Listener(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
                 await worker.commit(force=True)
                 for tp in revoked:

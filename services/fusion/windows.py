@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -232,7 +232,7 @@ class SessionWindows:
             end_s=end,
             window_index=index,
         )
-        timings: Counter[str] = Counter()
+        timings: defaultdict[str, float] = defaultdict(float)
         any_samples = False
         for stream_id in sorted(self.streams):
             stream = self.streams[stream_id]
@@ -246,7 +246,7 @@ class SessionWindows:
         return Emitted(window, dict(timings))
 
     def _render_stream(
-        self, stream: StreamState, start: float, end: float, timings: Counter[str]
+        self, stream: StreamState, start: float, end: float, timings: defaultdict[str, float]
     ) -> fusion_pb2.StreamWindow:
         config = self.config
         rate = config.output_rate(stream.modality)

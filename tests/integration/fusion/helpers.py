@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 
@@ -37,4 +38,4 @@ async def fused_windows(
         if time.monotonic() > deadline:
             latest = max((w.end_s for w in windows.values()), default=None)
             raise AssertionError(f"{len(windows)} windows, the latest ending at {latest}; wanted {until_end_s}")
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
