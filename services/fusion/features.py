@@ -7,8 +7,8 @@ StreamFeatures message back. The same input always gives the same message bytes.
 
 The beat detectors follow neurokit2's published algorithms (ecg_findpeaks method "neurokit", ppg_findpeaks method
 "elgendi", Elgendi et al. 2013) re-written on whole arrays: neurokit2's versions loop in Python over every complex,
-its ECG one keeps only positive R waves, its PPG one raises on a signal without pulses, and importing it pulls in
-pandas and matplotlib.
+its ECG one looks for positive R waves only (it missed the one inverted ventricular beat of MIT-BIH record 100),
+its PPG one raises IndexError on a signal without pulses, and importing it pulls in pandas and matplotlib.
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ EEG_BANDS: tuple[tuple[str, float, float], ...] = (
 )
 
 # Window-level features (EEG, EDA, audio, motion) are computed only when at least this fraction of the window's
-# samples are valid; gaps below it are bridged by linear interpolation.
+# samples are valid, respiration only when this fraction of its whole span is; smaller gaps are bridged linearly.
 MIN_VALID_FRACTION = 0.5
 
 # Beats closer than this to a missing sample are dropped: interpolation across a gap can make a step that looks
 # like a QRS or a pulse upstroke.
 _GAP_GUARD_S = 0.05
-# Radius of the search for the extremum of a detected beat; the same samples give the same extremum whichever
-# window finds the beat, which is what keeps each beat in exactly one window.
+# Radius of the search for the extremum of a detected beat. Consecutive windows see (nearly: each window's filters
+# start from rest in its warm-up) the same samples around a beat, so they place it at the same time whatever the
+# detector's threshold did at their edges; that is what keeps each beat in exactly one window.
 _ECG_REFINE_S = 0.05
 _PPG_REFINE_S = 0.08
 # Shortest accepted interval between beats: 240 per minute, room for ventricular tachycardia.
@@ -412,8 +413,8 @@ def _zero_phase(x: np.ndarray, sos: np.ndarray, rate: float) -> np.ndarray:
 
 @lru_cache(maxsize=16)
 def _hann(n: int) -> np.ndarray:
-    """The Hann window of n samples (cached: audio windows are long and always the same length)."""
-    return np.hanning(n)
+    """The Hann window of n samples (cached: audio windows are long and always the same length); read-only."""
+    return _read_only(np.hanning(n))
 
 
 @lru_cache(maxsize=64)
@@ -424,10 +425,17 @@ def _bandpass_sos(rate: float, low_hz: float, high_hz: float) -> np.ndarray | No
     high_hz = min(high_hz, 0.45 * rate)
     if not high_hz > 2.0 * low_hz:
         return None
-    return np.asarray(signal.butter(2, [low_hz, high_hz], btype="bandpass", fs=rate, output="sos"))
+    return _read_only(signal.butter(2, [low_hz, high_hz], btype="bandpass", fs=rate, output="sos"))
 
 
 @lru_cache(maxsize=64)
 def _lowpass_sos(rate: float, cutoff_hz: float) -> np.ndarray:
     """Butterworth low-pass of order 2 as second-order sections; the cutoff kept below Nyquist."""
-    return np.asarray(signal.butter(2, min(cutoff_hz, 0.45 * rate), btype="lowpass", fs=rate, output="sos"))
+    return _read_only(signal.butter(2, min(cutoff_hz, 0.45 * rate), btype="lowpass", fs=rate, output="sos"))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """The array, made read-only: cached arrays are shared by every call."""
+    array = np.asarray(array)
+    array.flags.writeable = False
+    return array

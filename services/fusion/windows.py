@@ -348,7 +348,7 @@ class SessionWindows:
 def _segment_chunks(stream: StreamState, grid_start: float, start: float, end: float) -> list[PlacedChunk]:
     """The stream's chunks feeding a window: one clock segment only (the one covering most of the window),
     from the grid start to the window end, in sample order."""
-    overlap: Counter[int] = Counter()
+    overlap: defaultdict[int, float] = defaultdict(float)
     for chunk in stream.placed:
         covered = min(chunk.end_s, end) - max(chunk.start_s, start)
         if covered > 0:
