@@ -28,7 +28,7 @@ DEMO_RECORD = REPO / "data" / "wfdb" / "100"
 def _stream_kinds() -> str:
     return (
         "synthetic[:eeg=32@1000,ecg@500,ppg,resp,audio] (modality=channels@rate), wfdb:PATH, edf:PATH (EDF+/BDF), "
-        "xdf:PATH, lsl:NAME (or lsl:type=EEG), brainflow[:BOARD]"
+        "xdf:PATH, lsl:NAME (or lsl:type=EEG), brainflow[:BOARD], recording:FILE.parquet (from clisonix record)"
     )
 
 
@@ -166,6 +166,90 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return asyncio.run(stream_source(args, args.source))
 
 
+def _format_recording(progress, session: str) -> str:
+    return (
+        f"recording {session}: {progress.chunks} chunks, {progress.signal_seconds:.1f} s of signal, "
+        f"{len(progress.seconds_by_stream)} streams, {progress.duplicates} duplicates dropped"
+    )
+
+
+async def record_to_file(args: argparse.Namespace, session: str) -> int:
+    """Records one session from the raw topic into a Parquet file, with progress on stderr; returns an exit code.
+
+    SIGINT and SIGTERM end reading (the way out of --follow); what was read is still written.
+    """
+    from aiokafka.errors import KafkaError
+
+    from services.common.settings import ServiceSettings
+    from services.recording import record_session
+
+    overrides = {"kafka_bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {}
+    settings = ServiceSettings(service_name="recorder", **overrides)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    last = [0.0]
+
+    def every_second(progress) -> None:
+        if time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            print(_format_recording(progress, session), file=sys.stderr, flush=True)
+
+    try:
+        summary = await record_session(
+            settings,
+            session,
+            args.out,
+            topic=args.topic,
+            idle_seconds=args.idle_seconds,
+            follow=args.follow,
+            stop=stop,
+            on_progress=every_second,
+        )
+    except (LookupError, KafkaError) as exc:
+        print(f"clisonix record: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"recorded {summary.session}: {summary.streams} streams, {summary.chunks} chunks "
+        f"({summary.duplicates} duplicates dropped), {summary.signal_seconds:.1f} s of signal -> {summary.path} "
+        f"({summary.file_bytes / 1e6:.2f} MB; compression ratio {summary.compression_ratio:.1f} against "
+        f"{summary.record_bytes / 1e6:.2f} MB of Kafka records)",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Records one session from the raw topic into a Parquet file that `clisonix stream` replays."""
+    from services.ingest.pseudonyms import Pseudonymiser, is_pseudonym
+
+    if not Path(args.out).resolve().parent.is_dir():
+        print(f"clisonix record: the folder of {args.out} does not exist", file=sys.stderr)
+        return 2
+    if args.pseudonym is not None:
+        if not is_pseudonym(args.pseudonym):
+            print(f"clisonix record: {args.pseudonym!r} is not a pseudonym (ps- and 32 hex digits)", file=sys.stderr)
+            return 2
+        session = args.pseudonym
+    else:
+        key = os.environ.get("CLISONIX_PSEUDONYM_KEY", "")
+        try:
+            # What ingest does to the id, so it gives the pseudonym the session's records are keyed by.
+            session = Pseudonymiser(key.encode()).pseudonym("session", args.session)
+        except ValueError:
+            print(
+                "clisonix record: --session needs CLISONIX_PSEUDONYM_KEY (the key ingest ran with); "
+                "or give --pseudonym",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        return asyncio.run(record_to_file(args, session))
+    except KeyboardInterrupt:  # before the signal handlers were in place
+        return 130
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Brings the platform up, replays a real ECG recording through it with live progress, stops it."""
     log_dir = Path(tempfile.mkdtemp(prefix="clisonix-demo-"))
@@ -264,6 +348,36 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--token", help="bearer token (default: $CLISONIX_AUTH_TOKEN)")
     stream.add_argument("--tls-ca", help="PEM file of the CA that signed the server certificate (enables TLS)")
     stream.set_defaults(func=cmd_stream)
+
+    record = sub.add_parser(
+        "record",
+        help="record a session from the raw topic into a Parquet file",
+        description="Reads one session's chunks from the raw topic (every partition from its beginning, no "
+        "consumer group), drops duplicates and writes them to a zstd-compressed Parquet file, one row per chunk "
+        "with the sample bytes as received. `clisonix stream --source recording:FILE` replays it bit for bit.",
+    )
+    record.add_argument("--out", required=True, metavar="FILE", help="the Parquet file to write (e.g. session.parquet)")
+    which = record.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--session", metavar="ID", help="the raw session id (pseudonymised with $CLISONIX_PSEUDONYM_KEY)"
+    )
+    which.add_argument("--pseudonym", metavar="PS", help="the session pseudonym (ps-...), as ingest acks carry it")
+    record.add_argument(
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        help="Kafka (default $CLISONIX_KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)",
+    )
+    record.add_argument(
+        "--topic", default="clisonix.signals.raw.v1", help="raw topic (default clisonix.signals.raw.v1)"
+    )
+    record.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=2.0,
+        help="stop once caught up and no chunk of the session came for this long (default 2)",
+    )
+    record.add_argument("--follow", action="store_true", help="keep recording new chunks until Ctrl-C")
+    record.set_defaults(func=cmd_record)
 
     demo = sub.add_parser(
         "demo",

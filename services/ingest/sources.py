@@ -1,4 +1,5 @@
-"""Device and file adapters that produce SampleBlocks: synthetic, WFDB, EDF/BDF, XDF, LSL and BrainFlow.
+"""Device and file adapters that produce SampleBlocks: synthetic, WFDB, EDF/BDF, XDF, LSL, BrainFlow and
+session recordings (`clisonix record`).
 
 Every source says up front which streams it produces (`specs()`), yields blocks of about `block_seconds` of
 samples in time order across its streams (`blocks()`), and releases what it holds in `close()`. File and
@@ -31,7 +32,7 @@ from services.ingest.chunks import SampleBlock, StreamSpec, modality_name
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SECONDS = 0.25
-SOURCE_KINDS = ("synthetic", "wfdb", "edf", "bdf", "xdf", "lsl", "brainflow")
+SOURCE_KINDS = ("synthetic", "wfdb", "edf", "bdf", "xdf", "lsl", "brainflow", "recording")
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
 
@@ -1174,6 +1175,53 @@ class BrainFlowSource(Source):
         self._release()
 
 
+# --- session recordings ------------------------------------------------------------------------------------
+
+
+class RecordingSource(Source):
+    """Replays a session recorded by `clisonix record` (Parquet): one block per recorded chunk.
+
+    Each block packs back (`to_chunk`) into the recorded chunk's stream, layout, timestamps, clock offset,
+    sample format, gain, offset and sample bytes, unchanged. Streams are yielded in time order, each in its
+    recorded sequence order. `duration_s` keeps each stream's chunks while less than that much of it was
+    replayed (whole chunks). Chunks are replayed as they were recorded, so a block size cannot be chosen.
+    """
+
+    def __init__(self, path: str | Path, duration_s: float | None = None, block_seconds: float | None = None) -> None:
+        from services.recording import read_recording, spec_of, stream_chunks
+
+        if block_seconds is not None:
+            raise ValueError("a recording replays its chunks as they were recorded: block_seconds does not apply")
+        recording = read_recording(path)
+        self.session = recording.session
+        self.duration_s = duration_s
+        self._closed = False
+        self._streams = [(spec_of(chunks[0]), chunks) for chunks in stream_chunks(recording)]
+        durations = [c.sample_count / c.nominal_rate_hz for _, chunks in self._streams for c in chunks]
+        if durations:
+            self.block_seconds = float(np.median(durations))
+
+    def specs(self) -> list[StreamSpec]:
+        return [spec for spec, _ in self._streams]
+
+    def _stream(self, spec: StreamSpec, chunks: list[signal_pb2.SignalChunk]) -> Iterator[SampleBlock]:
+        from services.recording import block_of
+
+        elapsed = 0.0
+        for chunk in chunks:
+            if self._closed or (self.duration_s is not None and elapsed >= self.duration_s):
+                return
+            block = block_of(chunk, spec)
+            elapsed += block.duration_s
+            yield block
+
+    def blocks(self) -> Iterator[SampleBlock]:
+        return _merge_by_time(self._stream(spec, chunks) for spec, chunks in self._streams)
+
+    def close(self) -> None:
+        self._closed = True
+
+
 # --- factory -----------------------------------------------------------------------------------------------
 
 
@@ -1203,7 +1251,8 @@ def parse_synthetic(text: str) -> tuple[tuple[str, ...], dict[str, int], dict[st
 
 def open_source(spec: str, **options: Any) -> Source:
     """Opens a source from "KIND[:PATH]": synthetic[:eeg=32@1000,ecg@500,...], wfdb:RECORD, edf:FILE,
-    bdf:FILE, xdf:FILE, lsl:name=X | lsl:type=EEG | lsl:NAME, brainflow[:BOARD]. Options go to the source.
+    bdf:FILE, xdf:FILE, lsl:name=X | lsl:type=EEG | lsl:NAME, brainflow[:BOARD], recording:FILE.parquet.
+    Options go to the source.
     """
     kind, _, path = spec.partition(":")
     kind = kind.strip().lower()
@@ -1228,6 +1277,8 @@ def open_source(spec: str, **options: Any) -> Source:
         return EdfSource(path, **options)
     if kind == "xdf":
         return XdfSource(path, **options)
+    if kind == "recording":
+        return RecordingSource(path, **options)
     key, eq, value = path.partition("=")
     if eq and key.strip().lower() == "type":
         return LslSource(type=value.strip(), **options)

@@ -511,7 +511,7 @@ def test_open_source_parses_kinds() -> None:
         open_source("wfdb")
     with pytest.raises(ValueError, match="unknown BrainFlow board"):
         open_source("brainflow:no-such-board")
-    assert set(SOURCE_KINDS) == {"synthetic", "wfdb", "edf", "bdf", "xdf", "lsl", "brainflow"}
+    assert set(SOURCE_KINDS) == {"synthetic", "wfdb", "edf", "bdf", "xdf", "lsl", "brainflow", "recording"}
 
 
 @pytest.mark.parametrize(
