@@ -413,8 +413,10 @@ def _zero_phase(x: np.ndarray, sos: np.ndarray, rate: float) -> np.ndarray:
 
 @lru_cache(maxsize=16)
 def _hann(n: int) -> np.ndarray:
-    """The Hann window of n samples (cached: audio windows are long and always the same length); read-only."""
-    return _read_only(np.hanning(n))
+    """The Hann window of n samples, read-only (cached and shared: audio windows are long and all the same length)."""
+    window = np.hanning(n)
+    window.flags.writeable = False
+    return window
 
 
 @lru_cache(maxsize=64)
@@ -425,17 +427,10 @@ def _bandpass_sos(rate: float, low_hz: float, high_hz: float) -> np.ndarray | No
     high_hz = min(high_hz, 0.45 * rate)
     if not high_hz > 2.0 * low_hz:
         return None
-    return _read_only(signal.butter(2, [low_hz, high_hz], btype="bandpass", fs=rate, output="sos"))
+    return np.asarray(signal.butter(2, [low_hz, high_hz], btype="bandpass", fs=rate, output="sos"))
 
 
 @lru_cache(maxsize=64)
 def _lowpass_sos(rate: float, cutoff_hz: float) -> np.ndarray:
     """Butterworth low-pass of order 2 as second-order sections; the cutoff kept below Nyquist."""
-    return _read_only(signal.butter(2, min(cutoff_hz, 0.45 * rate), btype="lowpass", fs=rate, output="sos"))
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """The array, made read-only: cached arrays are shared by every call."""
-    array = np.asarray(array)
-    array.flags.writeable = False
-    return array
+    return np.asarray(signal.butter(2, min(cutoff_hz, 0.45 * rate), btype="lowpass", fs=rate, output="sos"))
