@@ -20,8 +20,8 @@ import numpy as np
 
 # Below this span of samples a fitted slope is mostly jitter: use the nominal rate instead.
 _MIN_FIT_SPAN_S = 2.0
-# Residuals beyond this many robust standard deviations (and beyond _MIN_OUTLIER_S) are dropped from the fit.
-_OUTLIER_SIGMAS = 4.0
+# Residuals beyond this many RMS residuals (and beyond _MIN_OUTLIER_S) are dropped from the fit.
+_OUTLIER_SIGMAS = 3.0
 _MIN_OUTLIER_S = 0.002
 
 
@@ -43,8 +43,13 @@ class ClockLine:
     slope_s: float  # seconds per sample on the session clock (1 / effective rate)
     jitter_s: float  # RMS residual of the points around the line
 
-    def time_of(self, n: np.ndarray | int) -> np.ndarray | float:
-        return self.time_s + self.slope_s * (np.asarray(n) - self.index)
+    def time_of(self, n: np.ndarray) -> np.ndarray:
+        """Session times of the sample indices `n`."""
+        return self.time_s + self.slope_s * (n - self.index)
+
+    def at(self, n: int) -> float:
+        """Session time of sample index `n`."""
+        return self.time_s + self.slope_s * (n - self.index)
 
     @property
     def effective_rate_hz(self) -> float:
@@ -95,10 +100,10 @@ class StreamClock:
         elif sequence == 0 or source_time_s < self._last_source_time:
             continuity = Continuity.RESET  # restart, or a source clock that went backwards
         elif sequence == self._last_sequence + 1:
-            predicted = float(line.time_of(self._next_index))
+            predicted = line.at(self._next_index)
             continuity = Continuity.NEXT if abs(session_time - predicted) <= self.reset_seconds else Continuity.RESET
         else:
-            predicted = float(line.time_of(self._next_index))
+            predicted = line.at(self._next_index)
             # Lost chunks can only move the next timestamp forward, and not beyond what they could have held.
             lost = sequence - self._last_sequence - 1
             longest = (lost + 1) * max(sample_count, 1) * line.slope_s * 4 + self.reset_seconds
@@ -111,7 +116,7 @@ class StreamClock:
             index = 0
         elif continuity is Continuity.GAP:
             assert line is not None
-            skipped = max(0, round((session_time - float(line.time_of(self._next_index))) / line.slope_s))
+            skipped = max(0, round((session_time - line.at(self._next_index)) / line.slope_s))
             index = self._next_index + skipped
         else:
             index = self._next_index
@@ -134,21 +139,19 @@ class StreamClock:
             intercept = float(np.median(y - x * nominal_slope))
             residual = y - (intercept + x * nominal_slope)
             return ClockLine(last_index, last_time + intercept, nominal_slope, _rms(residual))
-        keep = np.ones(len(x), dtype=bool)
-        slope, intercept = nominal_slope, 0.0
-        for _ in range(2):
+        slope, intercept = _least_squares(x, y)
+        residual = y - (intercept + slope * x)
+        rms = _rms(residual)
+        limit = max(_OUTLIER_SIGMAS * rms, _MIN_OUTLIER_S)
+        outliers = np.abs(residual) > limit
+        if outliers.any() and len(x) - int(outliers.sum()) >= 3:
+            # One timestamp far off the line (a delayed chunk) would tilt it: fit again without it.
+            keep = ~outliers
             slope, intercept = _least_squares(x[keep], y[keep])
-            residual = y - (intercept + slope * x)
-            mad = float(np.median(np.abs(residual[keep] - np.median(residual[keep]))))
-            limit = max(_OUTLIER_SIGMAS * 1.4826 * mad, _MIN_OUTLIER_S)
-            new_keep = np.abs(residual) <= limit
-            if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
-                break
-            keep = new_keep
-        residual = y[keep] - (intercept + slope * x[keep])
+            rms = _rms(y[keep] - (intercept + slope * x[keep]))
         if slope <= 0:  # timestamps that do not advance: fall back on the nominal rate
             slope = nominal_slope
-        return ClockLine(last_index, last_time + intercept, slope, _rms(residual))
+        return ClockLine(last_index, last_time + intercept, slope, rms)
 
 
 def _least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

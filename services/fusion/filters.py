@@ -62,6 +62,15 @@ def apply_causal(plan: FilterPlan, samples: np.ndarray) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=64)
+def _polyphase_fir(up: int, down: int) -> np.ndarray:
+    """resample_poly's own default anti-aliasing FIR (Kaiser, beta 5), designed once per ratio, not per call."""
+    max_rate = max(up, down)
+    fir = signal.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
+    fir.setflags(write=False)
+    return fir
+
+
 def resample_to_grid(
     samples: np.ndarray,
     times_s: np.ndarray,
@@ -69,13 +78,15 @@ def resample_to_grid(
     grid_start_s: float,
     grid_count: int,
     rate_hz: float,
+    antialias: bool = True,
 ) -> np.ndarray:
     """Resamples (channels, n) samples taken at dejittered `times_s` onto grid_start_s + i / rate_hz.
 
     `valid` marks real samples (False: a held value bridging a gap). resample_poly first brings the stream to
     about the grid rate (anti-aliasing when it goes down), then linear interpolation on the true sample times
-    takes up the remaining ratio, drift and the grid's phase. Grid points outside the samples, or nearest to
-    a bridged gap, are NaN.
+    takes up the remaining ratio, drift and the grid's phase. Interpolation alone suffices when going up in
+    rate, or when `antialias` is False (the samples are already band-limited well below the grid's Nyquist
+    frequency). Grid points outside the samples, or nearest to a bridged gap, are NaN.
     """
     channels, count = samples.shape
     grid = grid_start_s + np.arange(grid_count) / rate_hz
@@ -84,9 +95,9 @@ def resample_to_grid(
         return out
     slope = (times_s[-1] - times_s[0]) / (count - 1)
     ratio = Fraction(rate_hz * slope).limit_denominator(_MAX_RATIO_DENOMINATOR)
-    if ratio.numerator > 0 and ratio != 1 and count >= 8:
+    if antialias and 0 < ratio < 1 and count >= 8:
         up, down = ratio.numerator, ratio.denominator
-        resampled = signal.resample_poly(samples, up, down, axis=1, padtype="line")
+        resampled = signal.resample_poly(samples, up, down, axis=1, window=_polyphase_fir(up, down), padtype="line")
         resampled_times = times_s[0] + np.arange(resampled.shape[1]) * slope * down / up
     else:
         resampled, resampled_times = samples, times_s

@@ -87,6 +87,7 @@ def window_config(settings: FusionSettings) -> WindowConfig:
         notch_quality=settings.notch_quality,
         output_rates_hz=dict(settings.output_rates_hz),
         max_streams=settings.max_streams_per_session,
+        stagger=settings.stagger_windows,
     )
 
 

@@ -37,6 +37,9 @@ class FusionSettings(ServiceSettings):
     # Windows on the session clock: [k * hop, k * hop + length).
     window_seconds: float = Field(default=2.0, gt=0)
     hop_seconds: float = Field(default=1.0, gt=0)
+    # Shift each session's window grid by a fraction of the hop derived from its id (spreads the work of sessions
+    # that share one clock); off: windows start at whole multiples of the hop.
+    stagger_windows: bool = True
     # Each window's filters start this long before it (from rest), so its content depends on a bounded history.
     filter_warmup_seconds: float = Field(default=4.0, ge=0)
     # R-peaks and pulse peaks are reported once this much signal after them has been seen.

@@ -41,18 +41,9 @@ class PlacedChunk:
     samples: np.ndarray  # (channels, count) physical float64
     at_digital_limit: np.ndarray  # (channels,) bool: an int16 sample at the end of the int16 range
     source_time_s: float
-
-    @property
-    def count(self) -> int:
-        return int(self.samples.shape[1])
-
-    @property
-    def start_s(self) -> float:
-        return float(self.line.time_of(self.index))
-
-    @property
-    def end_s(self) -> float:
-        return float(self.line.time_of(self.index + self.count))
+    count: int
+    start_s: float  # session time of the first sample, and just after the last one, by the line at placement
+    end_s: float
 
 
 class StreamState:
@@ -192,6 +183,9 @@ class StreamState:
             samples=physical_samples(chunk),
             at_digital_limit=at_limit,
             source_time_s=chunk.first_sample_time_s,
+            count=int(chunk.sample_count),
+            start_s=placement.line.at(placement.index),
+            end_s=placement.line.at(placement.index + int(chunk.sample_count)),
         )
         self.placed.append(placed)
         self.retained.append((placed.end_s, raw.offset))

@@ -11,6 +11,7 @@ and the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import uuid
@@ -53,6 +54,9 @@ class WindowConfig:
     notch_quality: float = 30.0
     output_rates_hz: Mapping[str, float] | None = None
     max_streams: int = 64
+    # Shift each session's window grid by a fraction of the hop taken from its id, so sessions on one shared
+    # clock do not all come due at the same instant.
+    stagger: bool = True
 
     def output_rate(self, modality: int) -> float:
         rates = self.output_rates_hz or {}
@@ -84,6 +88,12 @@ class WindowConfig:
         return self.history_seconds + self.clock_fit_seconds + self.hop_seconds
 
 
+def grid_phase(session_id: str, hop_seconds: float) -> float:
+    """Where a session's windows start within the hop: a fixed fraction of it, from a hash of the session id."""
+    digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") % 1000) / 1000 * hop_seconds
+
+
 def window_id(session_id: str, start_s: float) -> str:
     """The window's id: a UUIDv5 of the session and the window start (in microseconds)."""
     return str(uuid.uuid5(WINDOW_ID_NAMESPACE, f"{session_id}/{round(start_s * 1e6)}"))
@@ -109,6 +119,7 @@ class SessionWindows:
         # Windows before this were emitted by whoever read the log before this worker (see add()).
         self.warm_from_s = -math.inf
         self.emitted_any = False
+        self.phase_s = grid_phase(session_id, config.hop_seconds) if config.stagger else 0.0
 
     # --- input ------------------------------------------------------------------------------------------
 
@@ -139,12 +150,12 @@ class SessionWindows:
 
     def _first_index_from(self, time_s: float) -> int:
         """The first window starting at or after `time_s` (and after the warm-up of a mid-log start)."""
-        return math.ceil(max(time_s, self.warm_from_s) / self.config.hop_seconds - 1e-9)
+        return math.ceil((max(time_s, self.warm_from_s) - self.phase_s) / self.config.hop_seconds - 1e-9)
 
     # --- watermark --------------------------------------------------------------------------------------
 
     def _bounds(self, index: int) -> tuple[float, float]:
-        start = index * self.config.hop_seconds
+        start = index * self.config.hop_seconds + self.phase_s
         return start, start + self.config.window_seconds
 
     def _lead_s(self) -> float:
@@ -171,7 +182,9 @@ class SessionWindows:
         after = [p.start_s for s in self.streams.values() for p in s.placed if p.end_s > start]
         if not after:
             return
-        first_overlapping = math.floor((min(after) - self.config.window_seconds) / self.config.hop_seconds) + 1
+        first_overlapping = (
+            math.floor((min(after) - self.config.window_seconds - self.phase_s) / self.config.hop_seconds) + 1
+        )
         self.next_index = max(self.next_index, first_overlapping)
 
     def take_ready(self, flushing: bool = False) -> list[Emitted]:
@@ -253,11 +266,14 @@ class SessionWindows:
         window_count = round((end - start) * rate)
         context = config.context_seconds(stream.modality)
         plan = config.filters(stream.modality, stream.nominal_rate_hz)
-        warmup = config.filter_warmup_seconds if plan is not None else _RESAMPLE_MARGIN_S
-        # Grid points before the window: the feature context plus the filter warm-up, whole grid steps.
+        # Grid points before the window, in whole grid steps: the feature context, which also serves as the
+        # filters' warm-up where it is long enough (features tolerate what is left of the filters' settling).
         context_count = round(context * rate)
-        warmup_count = round(warmup * rate)
-        grid_start = start - (context_count + warmup_count) / rate
+        if plan is not None:
+            lead_count = max(context_count, round(config.filter_warmup_seconds * rate))
+        else:
+            lead_count = context_count + round(_RESAMPLE_MARGIN_S * rate)
+        grid_start = start - lead_count / rate
         block = fusion_pb2.StreamWindow(
             stream_id=stream.stream_id,
             modality=stream.modality,  # type: ignore[arg-type]
@@ -278,7 +294,7 @@ class SessionWindows:
         t0 = time.perf_counter()
         line = chunks[-1].line
         samples, valid, first_index = _contiguous(chunks)
-        times = np.asarray(line.time_of(first_index + np.arange(samples.shape[1])))
+        times = line.time_of(first_index + np.arange(samples.shape[1]))
         keep = (times >= grid_start - 2 * line.slope_s) & (times <= end + 2 * line.slope_s)
         samples, valid, times = samples[:, keep], valid[keep], times[keep]
         t1 = time.perf_counter()
@@ -286,8 +302,10 @@ class SessionWindows:
             samples = apply_causal(plan, samples)
             block.filters.extend(plan.names)
         t2 = time.perf_counter()
-        grid_count = context_count + warmup_count + window_count
-        on_grid = resample_to_grid(samples, times, valid, grid_start, grid_count, rate)
+        grid_count = lead_count + window_count
+        # The band-pass already keeps ECG and EEG far below the new Nyquist frequency: no anti-aliasing needed.
+        band_limited = plan is not None and _band_edge(stream.modality, config) < 0.4 * rate
+        on_grid = resample_to_grid(samples, times, valid, grid_start, grid_count, rate, antialias=not band_limited)
         t3 = time.perf_counter()
 
         window_part = on_grid[:, -window_count:] if window_count else on_grid[:, :0]
@@ -307,7 +325,7 @@ class SessionWindows:
         block.quality.reset = grid_start <= segment_start < end
         block.effective_rate_hz = line.effective_rate_hz
         first = chunks[0]
-        block.clock_offset_s = float(line.time_of(first.index)) - first.source_time_s
+        block.clock_offset_s = line.at(first.index) - first.source_time_s
         block.jitter_s = line.jitter_s
         block.chunks.first_sequence = min(c.sequence for c in chunks)
         block.chunks.last_sequence = max(c.sequence for c in chunks)
@@ -322,7 +340,7 @@ class SessionWindows:
         if stream_start > start - config.hop_seconds:
             # The first window of a stream (or of a clock segment) also reports what precedes its usual span.
             report_from = min(report_from, max(stream_start, start))
-        feature_part = on_grid[:, warmup_count:]
+        feature_part = on_grid[:, lead_count - context_count :]
         features = stream_features(
             FeatureInput(
                 modality=stream.modality,
@@ -343,6 +361,11 @@ class SessionWindows:
         timings["resample"] += t3 - t2
         timings["features"] += t4 - t3
         return block
+
+
+def _band_edge(modality: int, config: WindowConfig) -> float:
+    band = config.eeg_band_hz if modality == signal_pb2.MODALITY_EEG else config.ecg_band_hz
+    return band[1]
 
 
 def _segment_chunks(stream: StreamState, grid_start: float, start: float, end: float) -> list[PlacedChunk]:
@@ -385,7 +408,7 @@ def _raw_in_window(chunks: list[PlacedChunk], start: float, end: float) -> np.nd
     """Unfiltered samples of the chunks whose times fall inside the window (for the flat and clip checks)."""
     parts = []
     for chunk in chunks:
-        times = np.asarray(chunk.line.time_of(chunk.index + np.arange(chunk.count)))
+        times = chunk.line.time_of(chunk.index + np.arange(chunk.count))
         inside = (times >= start) & (times < end)
         if inside.any():
             parts.append(chunk.samples[:, inside])
@@ -403,12 +426,12 @@ def _clipped(samples: np.ndarray) -> bool:
     """A channel that sits at its window maximum or minimum for several consecutive samples (a flat top)."""
     if samples.shape[1] < _CLIP_RUN:
         return False
-    for channel in samples:
-        if np.ptp(channel) == 0:
-            continue
-        for extreme in (channel.max(), channel.min()):
-            at = (channel == extreme).astype(np.int8)
-            run = np.convolve(at, np.ones(_CLIP_RUN, dtype=np.int8), mode="valid")
-            if (run == _CLIP_RUN).any():
-                return True
+    varies = np.ptp(samples, axis=1) > 0
+    for extreme in (samples.max(axis=1, keepdims=True), samples.min(axis=1, keepdims=True)):
+        at = samples == extreme
+        run = at[:, : 1 - _CLIP_RUN].copy()
+        for k in range(1, _CLIP_RUN):
+            run &= at[:, k : at.shape[1] - _CLIP_RUN + 1 + k]
+        if (run.any(axis=1) & varies).any():
+            return True
     return False

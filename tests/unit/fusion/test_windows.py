@@ -12,9 +12,9 @@ import pytest
 from clisonix.fusion.v1 import fusion_pb2
 from clisonix.signal.v1 import signal_pb2
 from services.fusion.streams import RawChunk
-from services.fusion.windows import SessionWindows, WindowConfig, window_id
+from services.fusion.windows import SessionWindows, WindowConfig, grid_phase, window_id
 
-CONFIG = WindowConfig(output_rates_hz={"ppg": 100.0, "respiration": 25.0, "other": 50.0, "ecg": 256.0})
+CONFIG = WindowConfig(output_rates_hz={"ppg": 100.0, "respiration": 25.0, "other": 50.0, "ecg": 256.0}, stagger=False)
 
 
 def _truth(t: np.ndarray, freq: float) -> np.ndarray:
@@ -116,6 +116,22 @@ def test_window_ids_are_deterministic_and_consecutive() -> None:
     assert windows[0].start_s >= 100.0
     assert all(w.window_id == window_id("ps-test", w.start_s) for w in windows)
     assert len({w.window_id for w in windows}) == len(windows)
+
+
+def test_sessions_on_one_clock_get_staggered_window_grids() -> None:
+    staggered = WindowConfig(output_rates_hz=CONFIG.output_rates_hz, stagger=True)
+    phases = set()
+    for name in ("ps-a", "ps-b", "ps-c", "ps-d"):
+        session = SessionWindows(name, staggered)
+        for offset, chunk in enumerate(stream_chunks("ppg", signal_pb2.MODALITY_PPG, 125.0, 6)):
+            session.add(RawChunk(chunk, 0, offset))
+        windows = [e.window for e in session.take_ready(flushing=True)]
+        assert windows and all(w.start_s >= 100.0 for w in windows)
+        phase = round(windows[0].start_s % 1.0, 6)
+        assert all(round(w.start_s % 1.0, 6) == phase for w in windows)
+        assert phase == pytest.approx(grid_phase(name, 1.0))
+        phases.add(phase)
+    assert len(phases) == 4
 
 
 def test_out_of_order_and_duplicate_chunks_give_the_same_windows() -> None:

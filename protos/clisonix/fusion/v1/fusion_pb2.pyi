@@ -455,7 +455,9 @@ class FusedWindow(_message.Message):
     """On the session clock (source timestamps plus their clock offsets), in seconds; end = start + length."""
     end_s: _builtins.float
     window_index: _builtins.int
-    """start_s / hop: consecutive windows have consecutive indices."""
+    """Consecutive windows have consecutive indices: start_s = window_index x hop + the session's grid phase (a
+    fixed fraction of the hop derived from the session id, so sessions on one clock do not all come due at once).
+    """
     @_builtins.property
     def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamWindow]: ...
     def __init__(
