@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from services.processes import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_RECORD = REPO / "data" / "wfdb" / "100"
 
 
 def _stream_kinds() -> str:
@@ -251,29 +250,24 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Brings the platform up, replays a real ECG recording through it with live progress, stops it."""
+    """Brings the platform up, replays real recordings through ingest and fusion, shows the fused windows."""
+    from services.demo import run_demo
+
     log_dir = Path(tempfile.mkdtemp(prefix="clisonix-demo-"))
-    platform = Platform(None, ["ingest"], log_dir, args.port_offset)
+    platform = Platform(None, ["ingest", "fusion"], log_dir, args.port_offset)
     print("starting the embedded broker and the services ...", flush=True)
     platform.start()
     try:
         print("clisonix is up:\n" + platform.describe(), flush=True)
         print(
-            f"replaying MIT-BIH Arrhythmia Database record 100 (2 ECG leads at 360 Hz) at {args.speed:g}x real time"
-            f" for {args.duration:g} s of recording",
+            f"replaying two recordings at {args.speed:g}x real time for {args.duration:g} s of recording each; "
+            "fused windows (2 s, every 1 s) as fusion produces them:",
             flush=True,
         )
-        stream_args = argparse.Namespace(
-            source=f"wfdb:{DEMO_RECORD}",
-            to=platform.processes[0].target,
-            session=None,
-            subject="mitdb-100",
-            speed=args.speed,
-            duration=args.duration,
-            token=None,
-            tls_ca=None,
+        ingest = next(p for p in platform.processes if p.name == "ingest")
+        return asyncio.run(
+            run_demo(ingest.target, platform.bootstrap_servers, "clisonix.signals.fused.v1", args.speed, args.duration)
         )
-        return asyncio.run(stream_source(stream_args, "demo"))
     finally:
         platform.stop()
 
@@ -382,11 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="bring everything up and replay a real recording through it",
-        description="Starts the platform, replays MIT-BIH record 100 through ingest with "
-        "live progress (chunks acked, samples/s, ack latency), then stops.",
+        description="Starts the broker, ingest and fusion, replays an ICU recording (ECG, PPG, respiration) and an "
+        "EEG recording through them, and shows the fused windows live: heart rate, pulse rate, breathing rate, "
+        "EEG band powers. Then stops.",
     )
-    demo.add_argument("--speed", type=float, default=60.0, help="replay speed (default 60x real time)")
-    demo.add_argument("--duration", type=float, default=600.0, help="seconds of recording to replay (default 600)")
+    demo.add_argument("--speed", type=float, default=20.0, help="replay speed (default 20x real time)")
+    demo.add_argument("--duration", type=float, default=300.0, help="seconds of recording to replay (default 300)")
     demo.add_argument("--port-offset", type=int, default=0, help="add this to every default port")
     demo.set_defaults(func=cmd_demo)
 

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 # Default ports (ARCHITECTURE.md): gRPC and metrics per service.
 DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "ingest": (50051, 9101),
+    "fusion": (50052, 9102),
 }
 SERVICES = tuple(DEFAULT_PORTS)
 

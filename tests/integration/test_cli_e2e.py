@@ -184,8 +184,12 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint(tmp_pa
 async def test_clisonix_demo_runs_the_main_job():
     code, output = await run_cli("demo", "--duration", "20", "--speed", "40", "--port-offset", str(port_offset()))
     assert code == 0, output
-    assert "demo done: 80 chunks acked" in output
+    assert "cardio 241 chunks acked" in output  # 20 s of v102s: 80 blocks per stream, one split by a gap
     assert "0 rejected" in output
+    summary = output[output.index("fused windows: ") :]
+    cardio, eeg = (int(summary.split(f"{label} ")[1].split(",")[0].split(";")[0]) for label in ("cardio", "eeg"))
+    assert cardio >= 17 and eeg >= 17  # 20 s of each recording in 2 s windows every 1 s
+    assert "HR " in output and "band power" in output
 
 
 async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigterm():
