@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -111,7 +112,11 @@ class FusionWorker:
         dead_letters: DeadLetters,
         metrics: ServiceMetrics,
         fusion_metrics: FusionMetrics,
+        on_window_emitted: Callable[[float], None] | None = None,
     ) -> None:
+        """on_window_emitted: called with each window's emit latency in seconds (what the histogram observes),
+        for callers that need exact figures (the benchmark); may also be set on the attribute after construction.
+        """
         self.settings = settings
         self.config = window_config(settings)
         self.consumer = consumer
@@ -119,6 +124,7 @@ class FusionWorker:
         self.dead_letters = dead_letters
         self.metrics = metrics
         self.fusion_metrics = fusion_metrics
+        self.on_window_emitted = on_window_emitted
         self.partitions: dict[TopicPartition, _Partition] = {}
         self._in_flight: list[asyncio.Future[RecordMetadata]] = []
         self._events: Counter[str] = Counter()
@@ -200,7 +206,12 @@ class FusionWorker:
     async def flush_idle(self) -> None:
         """Emits the last windows of sessions that have been quiet for idle_flush_seconds, then forgets them."""
         now = time.monotonic()
-        for state in list(self.partitions.values()):
+        for tp, state in list(self.partitions.items()):
+            highwater = self.consumer.highwater(tp)
+            if highwater is None or state.position is None or state.position < highwater:
+                # Behind on this partition (catching up, or the fetch stalled): quiet here says nothing about
+                # the session, and flushing would emit windows that the records still to come belong to.
+                continue
             for session_id, last in list(state.last_record_at.items()):
                 if now - last < self.settings.idle_flush_seconds:
                     continue
@@ -218,7 +229,10 @@ class FusionWorker:
                     self.settings.topic_fused, window.session_id, window, event_id=window.window_id
                 )
             self._in_flight.append(future)
-            self.fusion_metrics.window_emit_latency_seconds.observe(time.monotonic() - received)
+            latency = time.monotonic() - received
+            self.fusion_metrics.window_emit_latency_seconds.observe(latency)
+            if self.on_window_emitted is not None:
+                self.on_window_emitted(latency)
             self.fusion_metrics.windows_total.labels(trigger).inc()
             self._records_out.inc()
             for stage, seconds in item.stage_seconds.items():
