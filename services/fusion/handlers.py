@@ -136,6 +136,7 @@ class FusionWorker:
         }
         self._records_in = metrics.records_in_total.labels(service, settings.topic_raw)
         self._records_out = metrics.records_out_total.labels(service, settings.topic_fused)
+        self._lag = metrics.consumer_lag_records.labels(service, settings.topic_raw)
 
     def listener(self) -> ConsumerRebalanceListener:
         """The rebalance listener to subscribe with: commits what is safe and drops revoked partitions' state."""
@@ -167,6 +168,7 @@ class FusionWorker:
                 for record in records:
                     await self.handle(tp, record, received)
             await self.flush_idle()
+            self._lag.set(self.lag_records())
             if time.monotonic() - self._last_commit >= self.settings.commit_interval_seconds:
                 await self.commit()
         await self.commit(force=True)
@@ -243,6 +245,15 @@ class FusionWorker:
             for event, count in self._events.items():
                 self.fusion_metrics.chunk_events_total.labels(event).inc(count)
             self._events.clear()
+
+    def lag_records(self) -> int:
+        """Records between what this worker has read and the end of its partitions (fetch highwater)."""
+        lag = 0
+        for tp, state in self.partitions.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and state.position is not None:
+                lag += max(0, highwater - state.position)
+        return lag
 
     def safe_offsets(self) -> dict[TopicPartition, int]:
         """Per partition: the lowest offset a session still needs, else the position after the last record."""

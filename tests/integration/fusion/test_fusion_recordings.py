@@ -108,6 +108,7 @@ async def test_mitbih_100_r_peaks_match_the_annotations(broker, ingest_service, 
     matched = match_beats(reference, found, 0.15)
     sensitivity = matched / len(reference)
     predictivity = matched / len(found)
+    print(f"MIT-BIH 100: {len(reference)} beats, Se {sensitivity:.4%}, +P {predictivity:.4%}")
     assert len(reference) > 2200
     assert sensitivity >= 0.995, sensitivity
     assert predictivity >= 0.995, predictivity
