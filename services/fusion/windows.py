@@ -74,6 +74,10 @@ class WindowConfig:
     def context_seconds(self, modality: int) -> float:
         return CONTEXT_SECONDS.get(modality, 0.0)
 
+    def stream_history_seconds(self, modality: int) -> float:
+        """How far before a window's start its content may look for a stream of `modality`."""
+        return self.context_seconds(modality) + max(self.filter_warmup_seconds, _RESAMPLE_MARGIN_S)
+
     @property
     def history_seconds(self) -> float:
         """How far before a window's start its content may look (samples of the longest context)."""
@@ -214,7 +218,8 @@ class SessionWindows:
             return
         start, _ = self._bounds(self.next_index)
         for stream in self.streams.values():
-            stream.forget_before(start - self.config.history_seconds, start - self.config.retain_seconds)
+            samples_from = start - self.config.stream_history_seconds(stream.modality)
+            stream.forget_before(samples_from, start - self.config.retain_seconds)
         # A stream silent for longer than the retained history is gone; if it comes back, it starts afresh.
         for stream_id in [
             sid
@@ -227,11 +232,6 @@ class SessionWindows:
         """The lowest raw-topic offset any future window of this session (or its clock fits) may need."""
         offsets = [o for o in (s.needed_offset() for s in self.streams.values()) if o is not None]
         return min(offsets) if offsets else None
-
-    @property
-    def idle(self) -> bool:
-        """True when no stream holds anything a future window could use."""
-        return not self.streams
 
     # --- rendering --------------------------------------------------------------------------------------
 
