@@ -70,13 +70,17 @@ class StreamClock:
     """Places the chunks of one stream, in sequence order, on the session clock.
 
     nominal_rate_hz: the rate the source declares. fit_seconds: horizon of the fit. reset_seconds: how far a
-    timestamp may stray from the fit's prediction before it counts as a clock reset.
+    timestamp may fall behind the fit's prediction (or run ahead without a gap) before it counts as a clock
+    reset. max_gap_seconds: a timestamp further ahead than this is a reset, not a gap.
     """
 
-    def __init__(self, nominal_rate_hz: float, fit_seconds: float, reset_seconds: float) -> None:
+    def __init__(
+        self, nominal_rate_hz: float, fit_seconds: float, reset_seconds: float, max_gap_seconds: float = 30.0
+    ) -> None:
         self.nominal_rate_hz = nominal_rate_hz
         self.fit_seconds = fit_seconds
         self.reset_seconds = reset_seconds
+        self.max_gap_seconds = max(max_gap_seconds, reset_seconds)
         self.segment = -1
         self._points: deque[tuple[int, float]] = deque()  # (sample index, session time) of recent chunks
         self._line: ClockLine | None = None
@@ -99,16 +103,15 @@ class StreamClock:
             continuity = Continuity.FIRST
         elif sequence == 0 or source_time_s < self._last_source_time:
             continuity = Continuity.RESET  # restart, or a source clock that went backwards
-        elif sequence == self._last_sequence + 1:
-            predicted = line.at(self._next_index)
-            continuity = Continuity.NEXT if abs(session_time - predicted) <= self.reset_seconds else Continuity.RESET
         else:
-            predicted = line.at(self._next_index)
-            # Lost chunks can only move the next timestamp forward, and not beyond what they could have held.
-            lost = sequence - self._last_sequence - 1
-            longest = (lost + 1) * max(sample_count, 1) * line.slope_s * 4 + self.reset_seconds
-            ahead = session_time - predicted
-            continuity = Continuity.GAP if -self.reset_seconds <= ahead <= longest else Continuity.RESET
+            ahead = session_time - line.at(self._next_index)
+            if ahead < -self.reset_seconds or ahead > self.max_gap_seconds:
+                continuity = Continuity.RESET  # the clock jumped back, or so far ahead that no gap explains it
+            elif sequence == self._last_sequence + 1 and ahead <= self.reset_seconds:
+                continuity = Continuity.NEXT
+            else:
+                # Lost chunks, or samples the source skipped (timestamps moved on, sequence numbers did not).
+                continuity = Continuity.GAP
 
         if continuity in (Continuity.FIRST, Continuity.RESET):
             self.segment += 1

@@ -80,6 +80,7 @@ def window_config(settings: FusionSettings) -> WindowConfig:
         peak_latency_seconds=settings.peak_latency_seconds,
         clock_fit_seconds=settings.clock_fit_seconds,
         clock_reset_seconds=settings.clock_reset_seconds,
+        max_gap_seconds=settings.max_gap_seconds,
         lateness_seconds=settings.lateness_seconds,
         mains_hz=settings.mains_hz,
         eeg_band_hz=settings.eeg_band_hz,

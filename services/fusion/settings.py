@@ -46,8 +46,10 @@ class FusionSettings(ServiceSettings):
     peak_latency_seconds: float = Field(default=0.3, ge=0)
     # Chunk timestamps of this last span (source clock) feed each stream's clock fit.
     clock_fit_seconds: float = Field(default=10.0, gt=0)
-    # A timestamp this far from the clock fit's prediction, with no lost chunk to explain it, is a clock reset.
+    # A timestamp this far behind the clock fit's prediction is a clock reset.
     clock_reset_seconds: float = Field(default=0.5, gt=0)
+    # Timestamps that move ahead by up to this much are a gap (samples lost or skipped); further is a reset.
+    max_gap_seconds: float = Field(default=30.0, gt=0)
     # A stream that has not covered a window when the others are this far past its end is marked missing;
     # a sequence hole older than this is a lost chunk rather than a late one.
     lateness_seconds: float = Field(default=2.0, ge=0)

@@ -60,6 +60,7 @@ class StreamState:
         reset_seconds: float,
         lateness_seconds: float,
         events: Counter[str],
+        max_gap_seconds: float = 30.0,
     ) -> None:
         self.stream_id = first.stream_id
         self.modality = int(first.modality)
@@ -68,7 +69,7 @@ class StreamState:
         self.nominal_rate_hz = first.nominal_rate_hz
         self.lateness_seconds = lateness_seconds
         self.events = events
-        self.clock = StreamClock(first.nominal_rate_hz, fit_seconds, reset_seconds)
+        self.clock = StreamClock(first.nominal_rate_hz, fit_seconds, reset_seconds, max_gap_seconds)
         self.placed: deque[PlacedChunk] = deque()
         self._pending: dict[int, RawChunk] = {}
         self._next_sequence: int | None = None

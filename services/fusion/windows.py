@@ -46,6 +46,7 @@ class WindowConfig:
     peak_latency_seconds: float = 0.3
     clock_fit_seconds: float = 10.0
     clock_reset_seconds: float = 0.5
+    max_gap_seconds: float = 30.0
     lateness_seconds: float = 2.0
     mains_hz: float = 50.0
     eeg_band_hz: tuple[float, float] = (0.5, 45.0)
@@ -140,6 +141,7 @@ class SessionWindows:
                 self.config.clock_reset_seconds,
                 self.config.lateness_seconds,
                 self.events,
+                self.config.max_gap_seconds,
             )
             self.streams[chunk.stream_id] = stream
         elif not stream.matches(chunk):

@@ -49,9 +49,20 @@ def test_lost_chunks_are_a_gap_with_the_right_sample_index() -> None:
             assert placement.segment == 0
 
 
-@pytest.mark.parametrize("jump_s", [-5.0, 4.0])
-def test_clock_jump_without_lost_chunks_is_a_reset(jump_s: float) -> None:
+def test_timestamps_ahead_with_consecutive_sequences_are_skipped_samples() -> None:
     clock = StreamClock(RATE, fit_seconds=10.0, reset_seconds=0.5)
+    for seq, stamp, offset, _ in _chunks(30):
+        placement = clock.place(seq, stamp + (4.0 if seq >= 15 else 0.0), offset, CHUNK)
+        if seq == 15:
+            assert placement.continuity is Continuity.GAP
+            assert placement.segment == 0 and placement.index == 15 * CHUNK + round(4.0 * RATE)
+        elif seq > 15:
+            assert placement.continuity is Continuity.NEXT
+
+
+@pytest.mark.parametrize("jump_s", [-5.0, -0.8, 100.0])
+def test_clock_jump_back_or_far_ahead_is_a_reset(jump_s: float) -> None:
+    clock = StreamClock(RATE, fit_seconds=10.0, reset_seconds=0.5, max_gap_seconds=30.0)
     for seq, stamp, offset, _ in _chunks(30):
         placement = clock.place(seq, stamp + (jump_s if seq >= 15 else 0.0), offset, CHUNK)
         if seq == 15:
