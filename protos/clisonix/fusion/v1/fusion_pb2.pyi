@@ -67,7 +67,9 @@ Global___QualityFlags: _TypeAlias = QualityFlags  # noqa: Y015
 
 @_typing.final
 class ChunkRange(_message.Message):
-    """The raw chunks a stream window was computed from (including the filter warm-up before the window)."""
+    """The raw chunks a stream window was computed from (including the filter warm-up before the window). Their ids
+    (the raw records' ce_id) are "<session_id>/<stream_id>/<sequence>" for the sequences in the range.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
