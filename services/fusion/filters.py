@@ -98,16 +98,21 @@ def resample_to_grid(
     if antialias and 0 < ratio < 1 and count >= 8:
         up, down = ratio.numerator, ratio.denominator
         resampled = signal.resample_poly(samples, up, down, axis=1, window=_polyphase_fir(up, down), padtype="line")
-        resampled_times = times_s[0] + np.arange(resampled.shape[1]) * slope * down / up
+        step = slope * down / up
     else:
-        resampled, resampled_times = samples, times_s
+        resampled, step = samples, slope
     # A sample stands for the sampling period after it: the last one covers the grid up to one period on.
     inside = (grid >= times_s[0]) & (grid < times_s[-1] + slope)
     if not inside.any():
         return out
     g = grid[inside]
-    for c in range(channels):
-        out[c, inside] = np.interp(g, resampled_times, resampled[c])
+    # Linear interpolation on the (uniform, dejittered) sample times, every channel in one step.
+    position = (g - times_s[0]) / step
+    last = resampled.shape[1] - 1
+    left = np.clip(np.floor(position).astype(np.int64), 0, max(last - 1, 0))
+    right = np.minimum(left + 1, last)
+    weight = np.clip(position - left, 0.0, 1.0)
+    out[:, inside] = resampled[:, left] * (1.0 - weight) + resampled[:, right] * weight
     # A grid point is missing when the source sample nearest to it is a bridged gap.
     nearest = np.clip(np.rint((g - times_s[0]) / slope).astype(np.int64), 0, count - 1)
     out[:, np.flatnonzero(inside)[~valid[nearest]]] = np.nan

@@ -300,6 +300,7 @@ class SessionWindows:
         keep = (times >= grid_start - 2 * line.slope_s) & (times <= end + 2 * line.slope_s)
         samples, valid, times = samples[:, keep], valid[keep], times[keep]
         t1 = time.perf_counter()
+        unfiltered = samples
         if plan is not None and samples.shape[1] > 0:
             samples = apply_causal(plan, samples)
             block.filters.extend(plan.names)
@@ -315,7 +316,7 @@ class SessionWindows:
         valid_points = ~np.isnan(window_part).any(axis=0) if channels else np.zeros(window_count, dtype=bool)
         block.coverage = float(valid_points.mean()) if window_count else 0.0
         in_window = (times >= start) & (times < end)
-        raw_window = samples[:, in_window & valid] if plan is None else _raw_in_window(chunks, start, end)
+        raw_window = unfiltered[:, in_window & valid]
         lost_inside = any(c.continuity is Continuity.GAP and start < c.start_s <= end for c in chunks)
         block.quality.missing = block.coverage == 0.0
         block.quality.gap = (0.0 < block.coverage < 1.0) or lost_inside
@@ -404,17 +405,6 @@ def _contiguous(chunks: list[PlacedChunk]) -> tuple[np.ndarray, np.ndarray, int]
         valid[lo:hi] = True
         filled_to = max(filled_to, hi)
     return samples, valid, first_index
-
-
-def _raw_in_window(chunks: list[PlacedChunk], start: float, end: float) -> np.ndarray:
-    """Unfiltered samples of the chunks whose times fall inside the window (for the flat and clip checks)."""
-    parts = []
-    for chunk in chunks:
-        times = chunk.line.time_of(chunk.index + np.arange(chunk.count))
-        inside = (times >= start) & (times < end)
-        if inside.any():
-            parts.append(chunk.samples[:, inside])
-    return np.concatenate(parts, axis=1) if parts else np.empty((chunks[0].samples.shape[0], 0))
 
 
 def _flat(samples: np.ndarray) -> bool:
