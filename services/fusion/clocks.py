@@ -12,6 +12,8 @@ Pure: numpy only.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -134,39 +136,42 @@ class StreamClock:
         return Placement(continuity, self.segment, index, self._line)
 
     def _fit(self, last_index: int, last_time: float) -> ClockLine:
-        """A robust line through the recent points, relative to the newest one (so only differences matter)."""
-        x = np.fromiter((p[0] - last_index for p in self._points), dtype=np.float64, count=len(self._points))
-        y = np.fromiter((p[1] - last_time for p in self._points), dtype=np.float64, count=len(self._points))
+        """A robust line through the recent points, relative to the newest one (so only differences matter).
+
+        Plain Python arithmetic: a few dozen points, once per chunk, where numpy's per-call cost would dominate.
+        """
+        x = [float(p[0] - last_index) for p in self._points]
+        y = [p[1] - last_time for p in self._points]
         nominal_slope = 1.0 / self.nominal_rate_hz
         if len(x) < 3 or (x[-1] - x[0]) * nominal_slope < _MIN_FIT_SPAN_S:
-            intercept = float(np.median(y - x * nominal_slope))
-            residual = y - (intercept + x * nominal_slope)
-            return ClockLine(last_index, last_time + intercept, nominal_slope, _rms(residual))
+            intercept = statistics.median([b - a * nominal_slope for a, b in zip(x, y, strict=True)])
+            return ClockLine(last_index, last_time + intercept, nominal_slope, _rms(x, y, nominal_slope, intercept))
         slope, intercept = _least_squares(x, y)
-        residual = y - (intercept + slope * x)
-        rms = _rms(residual)
+        rms = _rms(x, y, slope, intercept)
         limit = max(_OUTLIER_SIGMAS * rms, _MIN_OUTLIER_S)
-        outliers = np.abs(residual) > limit
-        if outliers.any() and len(x) - int(outliers.sum()) >= 3:
-            # One timestamp far off the line (a delayed chunk) would tilt it: fit again without it.
-            keep = ~outliers
-            slope, intercept = _least_squares(x[keep], y[keep])
-            rms = _rms(y[keep] - (intercept + slope * x[keep]))
+        kept = [(a, b) for a, b in zip(x, y, strict=True) if abs(b - (intercept + slope * a)) <= limit]
+        if len(x) - 3 >= len(x) - len(kept) > 0:
+            # A timestamp far off the line (a delayed chunk) would tilt it: fit again without it.
+            x, y = [a for a, _ in kept], [b for _, b in kept]
+            slope, intercept = _least_squares(x, y)
+            rms = _rms(x, y, slope, intercept)
         if slope <= 0:  # timestamps that do not advance: fall back on the nominal rate
             slope = nominal_slope
         return ClockLine(last_index, last_time + intercept, slope, rms)
 
 
-def _least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    x_mean = float(x.mean())
-    y_mean = float(y.mean())
-    dx = x - x_mean
-    denominator = float(dx @ dx)
-    if denominator == 0.0:
+def _least_squares(x: list[float], y: list[float]) -> tuple[float, float]:
+    n = len(x)
+    x_mean = sum(x) / n
+    y_mean = sum(y) / n
+    sxx = sum((a - x_mean) ** 2 for a in x)
+    if sxx == 0.0:
         return 0.0, y_mean
-    slope = float(dx @ (y - y_mean)) / denominator
+    slope = sum((a - x_mean) * (b - y_mean) for a, b in zip(x, y, strict=True)) / sxx
     return slope, y_mean - slope * x_mean
 
 
-def _rms(values: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(values * values))) if len(values) else 0.0
+def _rms(x: list[float], y: list[float], slope: float, intercept: float) -> float:
+    if not x:
+        return 0.0
+    return math.sqrt(sum((b - intercept - slope * a) ** 2 for a, b in zip(x, y, strict=True)) / len(x))
