@@ -412,3 +412,29 @@ def test_cpu_time_per_call(mitbih_100: tuple[np.ndarray, np.ndarray]) -> None:
         for _ in range(repeats):
             stream_features(data)
         print(f"stream_features {name}: {1e3 * (time.process_time() - started) / repeats:.3f} ms CPU per call")
+
+
+@pytest.mark.parametrize("size", [2, 5, 200, 1024])
+def test_zero_phase_filter_equals_scipy_sosfiltfilt(size: int) -> None:
+    from scipy import signal
+
+    from services.fusion.features import _bandpass_sos, _zero_phase
+
+    sos = _bandpass_sos(128.0, 0.5, 8.0)
+    assert sos is not None
+    x = np.random.default_rng(size).standard_normal(size)
+    expected = signal.sosfiltfilt(sos, x, padlen=min(size - 1, 128))
+    np.testing.assert_allclose(_zero_phase(x, sos, 128.0), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("channels", "size", "nperseg"), [(32, 512, 256), (3, 500, 250), (1, 257, 255)])
+def test_welch_equals_scipy(channels: int, size: int, nperseg: int) -> None:
+    from scipy import signal
+
+    from services.fusion.features import _welch
+
+    x = np.random.default_rng(size).standard_normal((channels, size))
+    freqs, psd = _welch(x, 256.0, nperseg)
+    expected_freqs, expected = signal.welch(x, fs=256.0, nperseg=nperseg, noverlap=nperseg // 2, axis=-1)
+    np.testing.assert_allclose(freqs, expected_freqs)
+    np.testing.assert_allclose(psd, expected, rtol=1e-10)
