@@ -6,6 +6,7 @@ start, scaled to the first value to avoid a step), so a window's content depends
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -102,18 +103,22 @@ def resample_to_grid(
     else:
         resampled, step = samples, slope
     # A sample stands for the sampling period after it: the last one covers the grid up to one period on.
-    inside = (grid >= times_s[0]) & (grid < times_s[-1] + slope)
-    if not inside.any():
+    first = max(0, math.ceil((times_s[0] - grid_start_s) * rate_hz - 1e-9))
+    stop = min(grid_count, math.ceil((times_s[-1] + slope - grid_start_s) * rate_hz - 1e-9))
+    if first >= stop:
         return out
-    g = grid[inside]
+    g = grid[first:stop]
     # Linear interpolation on the (uniform, dejittered) sample times, every channel in one step.
     position = (g - times_s[0]) / step
     last = resampled.shape[1] - 1
-    left = np.clip(np.floor(position).astype(np.int64), 0, max(last - 1, 0))
+    left = np.clip(position.astype(np.int64), 0, max(last - 1, 0))
     right = np.minimum(left + 1, last)
     weight = np.clip(position - left, 0.0, 1.0)
-    out[:, inside] = resampled[:, left] * (1.0 - weight) + resampled[:, right] * weight
-    # A grid point is missing when the source sample nearest to it is a bridged gap.
-    nearest = np.clip(np.rint((g - times_s[0]) / slope).astype(np.int64), 0, count - 1)
-    out[:, np.flatnonzero(inside)[~valid[nearest]]] = np.nan
+    block = out[:, first:stop]
+    np.multiply(resampled[:, left], 1.0 - weight, out=block)
+    block += resampled[:, right] * weight
+    if not valid.all():
+        # A grid point is missing when the source sample nearest to it is a bridged gap.
+        nearest = np.clip(np.rint((g - times_s[0]) / slope).astype(np.int64), 0, count - 1)
+        block[:, ~valid[nearest]] = np.nan
     return out
