@@ -285,6 +285,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Runs a benchmark and prints its figures and ratios."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    if args.name == "fusion":
+        from bench import fusion as fusion_bench
+
+        return fusion_bench.main(args.bench_args)
     from bench import ingest as ingest_bench
 
     return ingest_bench.main(args.bench_args)
@@ -387,10 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (ingest)",
+        help="run a benchmark (ingest, fusion)",
         description="Benchmarks, printing figures and ratios measured side by side in one run.",
     )
-    bench.add_argument("name", choices=["ingest"], help="which benchmark")
+    bench.add_argument("name", choices=["ingest", "fusion"], help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=cmd_bench)
 
