@@ -258,9 +258,9 @@ async def load_child(spec: dict[str, Any]) -> int:
     (first_sample_time_s from time.time(), clock offset 0). Records are what ingest writes: pseudonymised session
     id as key and in the chunk, ingest time set, CloudEvents headers, ingest's producer options.
     """
+    from services.common.chunks import SampleBlock, to_chunk
     from services.common.kafka import kafka_producer
     from services.common.settings import ServiceSettings
-    from services.ingest.chunks import SampleBlock, to_chunk
     from services.ingest.pipeline import SOURCE
     from services.ingest.pseudonyms import Pseudonymiser
 

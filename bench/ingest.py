@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from clisonix.signal.v1 import signal_pb2
+from services.common.chunks import SampleBlock, StreamSpec, to_chunk
 from services.common.energy import DEFAULT_WATTS_PER_CORE, EnergyMeter, EnergySourceUnavailable
-from services.ingest.chunks import SampleBlock, StreamSpec, to_chunk
 
 TARGET_RATIO = 0.7
 PSEUDONYM_KEY = "bench-pseudonym-key-0123456789"

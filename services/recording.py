@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clisonix.signal.v1 import signal_pb2
+from services.common.chunks import SampleBlock, StreamSpec, modality_name, unpack_samples
 from services.common.events import UndecodableEvent, decode_event
-from services.ingest.chunks import SampleBlock, StreamSpec, modality_name, unpack_samples
 
 if TYPE_CHECKING:
     from services.common.settings import ServiceSettings

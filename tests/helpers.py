@@ -11,7 +11,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from clisonix.signal.v1 import signal_pb2
-from services.ingest.chunks import SampleBlock, StreamSpec, to_chunk
+from services.common.chunks import SampleBlock, StreamSpec, to_chunk
 
 EEG = StreamSpec("eeg-0", signal_pb2.MODALITY_EEG, ("C3", "C4"), ("uV", "uV"), 250.0)
 ECG = StreamSpec("ecg-0", signal_pb2.MODALITY_ECG, ("II",), ("mV",), 500.0)

@@ -28,10 +28,10 @@ from services.common.errors import ClisonixError, InvalidArgument
 from services.common.events import UndecodableEvent, decode_event
 from services.common.kafka import DeadLetters, EventProducer
 from services.common.metrics import LATENCY_BUCKETS, ServiceMetrics, observe_seconds
+from services.common.validation import validate_chunk
 from services.fusion.settings import FusionSettings
 from services.fusion.streams import RawChunk
 from services.fusion.windows import Emitted, SessionWindows, WindowConfig
-from services.ingest.validation import validate_chunk
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from clisonix.signal.v1 import signal_pb2
+from services.common.chunks import physical_samples, unpack_samples
 from services.fusion.clocks import ClockLine, Continuity, StreamClock
-from services.ingest.chunks import physical_samples, unpack_samples
 
 _INT16_EXTREMES = (-32768, 32767)
 

@@ -23,11 +23,11 @@ import numpy as np
 
 from clisonix.fusion.v1 import fusion_pb2
 from clisonix.signal.v1 import signal_pb2
+from services.common.chunks import modality_name
 from services.fusion.clocks import Continuity
 from services.fusion.features import CONTEXT_SECONDS, FeatureInput, stream_features
 from services.fusion.filters import FilterPlan, apply_causal, filter_plan, resample_to_grid
 from services.fusion.streams import PlacedChunk, RawChunk, StreamState
-from services.ingest.chunks import modality_name
 
 WINDOW_ID_NAMESPACE = uuid.UUID("6f1c5e0a-2b7d-5c3e-9a41-0c1a5f3e7b21")
 # Samples of unfiltered streams before the window's context, so resampling starts settled.

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from clisonix.signal.v1 import signal_pb2, signal_pb2_grpc
-from services.ingest.chunks import SampleBlock, to_chunk
+from services.common.chunks import SampleBlock, to_chunk
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter, Histogram
 
 from clisonix.signal.v1 import signal_pb2
+from services.common.chunks import modality_name
 from services.common.errors import ClisonixError, ResourceExhausted, Unavailable
 from services.common.kafka import EventProducer
 from services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
-from services.ingest.chunks import modality_name
+from services.common.validation import check_size, layout_of, validate_chunk
 from services.ingest.pseudonyms import Pseudonymiser
 from services.ingest.sequencing import Admission, StreamBook, TokenBucket
 from services.ingest.settings import IngestSettings
-from services.ingest.validation import check_size, layout_of, validate_chunk
 
 log = logging.getLogger(__name__)
 

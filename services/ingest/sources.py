@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from clisonix.signal.v1 import signal_pb2
-from services.ingest.chunks import SampleBlock, StreamSpec, modality_name
+from services.common.chunks import SampleBlock, StreamSpec, modality_name
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clisonix.signal.v1 import signal_pb2
+from services.common.chunks import SampleBlock, physical_samples
 from services.common.events import decode_event
-from services.ingest.chunks import SampleBlock, physical_samples
 from services.ingest.sources import open_source
 from tests.conftest import DATA, REPO
 from tests.helpers import read_all

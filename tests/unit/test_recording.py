@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clisonix.signal.v1 import signal_pb2
-from services.ingest.chunks import SampleBlock, StreamSpec, to_chunk
+from services.common.chunks import SampleBlock, StreamSpec, to_chunk
 from services.ingest.sources import SOURCE_KINDS, RecordingSource, open_source
 from services.recording import (
     FORMAT_NAME,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 
 from clisonix.fusion.v1 import fusion_pb2
-from services.ingest.chunks import SampleBlock
+from services.common.chunks import SampleBlock
 from services.ingest.client import StreamClient
 from tests.helpers import read_all
 

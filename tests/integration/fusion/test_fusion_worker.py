@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from clisonix.fusion.v1 import fusion_pb2
 from clisonix.signal.v1 import signal_pb2
 from services.common.broker import free_port
+from services.common.chunks import to_chunk
 from services.common.events import decode_event
 from services.common.kafka import ensure_topics, kafka_producer
 from services.common.settings import ServiceSettings
@@ -22,7 +23,6 @@ from services.fusion.handlers import window_config
 from services.fusion.settings import FusionSettings
 from services.fusion.streams import RawChunk
 from services.fusion.windows import SessionWindows
-from services.ingest.chunks import to_chunk
 from services.ingest.sources import SyntheticSource
 from services.processes import ServiceProcess
 from tests.helpers import read_all

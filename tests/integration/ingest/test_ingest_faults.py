@@ -12,8 +12,8 @@ import pytest
 
 from clisonix.signal.v1 import signal_pb2
 from services.common.broker import EmbeddedBroker, free_port
+from services.common.chunks import unpack_samples
 from services.common.events import decode_event
-from services.ingest.chunks import unpack_samples
 from services.ingest.client import StreamClient
 from services.processes import ServiceProcess
 from tests.conftest import TEST_PSEUDONYM_KEY

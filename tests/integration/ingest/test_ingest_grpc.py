@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clisonix.signal.v1 import signal_pb2, signal_pb2_grpc
+from services.common.chunks import physical_samples
 from services.common.events import decode_event, header_value
-from services.ingest.chunks import physical_samples
 from services.ingest.client import StreamClient
 from tests.conftest import TEST_PSEUDONYM_KEY
 from tests.helpers import ECG, EEG, make_blocks, make_chunk, read_all, read_topic, wait_for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.ingest.chunks import SampleBlock
+from services.common.chunks import SampleBlock
 from services.ingest.client import ReplayPacer
 from tests.helpers import ECG, EEG
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from clisonix.signal.v1 import signal_pb2
-from services.ingest.chunks import SampleBlock, to_chunk
+from services.common.chunks import SampleBlock, to_chunk
 from services.ingest.sources import (
     SOURCE_KINDS,
     BrainFlowSource,

@@ -1,4 +1,5 @@
-"""Checks a SignalChunk before anything is written. Pure: raises domain errors, touches no network.
+"""Checks a SignalChunk: ingest before anything is written, fusion on every record it reads. Pure: raises
+domain errors, touches no network.
 
 Every rule names a bounded `reason` for the rejected-chunks metric.
 """

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clisonix.signal.v1 import signal_pb2
-from services.ingest.chunks import SampleBlock, StreamSpec, physical_samples, to_chunk, unpack_samples
+from services.common.chunks import SampleBlock, StreamSpec, physical_samples, to_chunk, unpack_samples
 
 SPEC = StreamSpec("eeg-0", signal_pb2.MODALITY_EEG, ("C3", "C4"), ("uV", "uV"), 250.0)
 

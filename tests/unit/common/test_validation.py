@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from clisonix.signal.v1 import signal_pb2
+from services.common.chunks import SampleBlock, StreamSpec, to_chunk
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.ingest.chunks import SampleBlock, StreamSpec, to_chunk
-from services.ingest.validation import MAX_ID_LENGTH, check_size, layout_of, validate_chunk
+from services.common.validation import MAX_ID_LENGTH, check_size, layout_of, validate_chunk
 from tests.helpers import EEG, make_chunk
 
 MAX_CHANNELS = 8
