@@ -40,6 +40,8 @@ STREAMS = (("eeg", 32, 256.0), ("ecg", 1, 360.0), ("ppg", 1, 125.0))
 # Seconds between the go signal and the first session's start: both children have read it by then.
 START_LEAD_S = 1.0
 DRAIN_TIMEOUT_S = 60.0
+# Other work on the machine above this share of one core over a leg gets a warning beside the leg's figures.
+OTHER_CPU_WARNING = 0.1
 # A child's result line carries every latency of its leg (tens of thousands of numbers).
 MAX_LINE_BYTES = 1 << 28
 
@@ -77,6 +79,9 @@ class LegResult:
     load_slip_max_ms: float
     load_cpu_seconds: float
     broker_cpu_seconds: float | None
+    # CPU the machine spent on anything but this benchmark's processes (worker, load generator, broker, this one)
+    # during the leg: other work on a small machine disturbs every figure; None where /proc/stat is unreadable.
+    other_cpu_seconds: float | None = None
 
     @property
     def unit(self) -> str:
@@ -669,13 +674,17 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
     label = f"[{index}/{total}] {LEG_LABELS[leg]} {sessions} sessions run {run}"
     console = ctx.console
     console.print(f"{label}: starting ...")
-    worker = await Child.start(leg, {**common, "role": leg, "group": f"{prefix}.group"})
-    load = await Child.start("load generator", {**common, "role": "load"})
-    broker_cpu = ProcessCpu(ctx.broker_pid)
-    worker_cpu = ProcessCpu(worker.pid)
+    children: list[Child] = []
     try:
+        worker = await Child.start(leg, {**common, "role": leg, "group": f"{prefix}.group"})
+        children.append(worker)
+        load = await Child.start("load generator", {**common, "role": "load"})
+        children.append(load)
+        broker_cpu = ProcessCpu(ctx.broker_pid)
+        worker_cpu = ProcessCpu(worker.pid)
         await asyncio.gather(worker.expect("ready", 120), load.expect("ready", 120))
         broker_before = broker_cpu.seconds()
+        others = OtherCpu([worker.pid, load.pid, ctx.broker_pid])
         go = time.time() + START_LEAD_S
         worker.send(f"go {go!r}")
         load.send(f"go {go!r}")
@@ -695,10 +704,12 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
         worker.send("end " + json.dumps(outcome["end_offsets"]))
         data = await worker.expect("result", DRAIN_TIMEOUT_S + 60)
         broker_after = broker_cpu.seconds()
+        other_cpu_seconds = others.seconds()
     finally:
-        await asyncio.gather(worker.close(), load.close())
-    if not await delete_topics(admin_settings, list(topics.values())):
-        console.print(f"could not delete the topics of {prefix}; the broker still holds them")
+        await asyncio.gather(*(child.close() for child in children))
+        # Also after a failure: the broker keeps everything in memory, and a Kafka given by address keeps it.
+        if not await delete_topics(admin_settings, list(topics.values())):
+            console.print(f"could not delete the topics of {prefix}; the broker still holds them")
     result = LegResult(
         leg=leg,
         sessions=sessions,
@@ -721,6 +732,7 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
         load_slip_max_ms=outcome["slip_max_ms"],
         load_cpu_seconds=outcome["cpu_seconds"],
         broker_cpu_seconds=None if broker_before is None or broker_after is None else broker_after - broker_before,
+        other_cpu_seconds=other_cpu_seconds,
     )
     p = result.percentiles_ms()
     console.print(
@@ -729,7 +741,38 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
         f"({result.cpu_core_share:.0%} of a core); lag at end {result.lag_at_end} records, "
         + ("drained in " + f"{result.drain_seconds:.2f} s" if result.drain_seconds is not None else "did NOT drain")
     )
+    if result.other_cpu_seconds is not None and result.other_cpu_seconds > OTHER_CPU_WARNING * result.seconds:
+        console.print(
+            f"{label}: [yellow]other processes used {result.other_cpu_seconds:.1f} CPU s of this machine during the "
+            f"leg ({result.other_cpu_seconds / result.seconds:.0%} of a core): its figures are disturbed[/yellow]"
+        )
     return result
+
+
+class OtherCpu:
+    """CPU seconds the whole machine spent busy since creation, less what `pids` and this process used."""
+
+    def __init__(self, pids: Sequence[int | None]) -> None:
+        from bench.ingest import ProcessCpu
+
+        self.processes = [ProcessCpu(pid) for pid in pids if pid is not None]
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float] | None:
+        from services.common.energy import machine_busy_cpu_seconds
+
+        try:
+            machine = machine_busy_cpu_seconds()
+        except (OSError, ValueError):
+            return None
+        ours = [process.seconds() for process in self.processes]
+        return machine, time.process_time() + sum(seconds or 0.0 for seconds in ours)
+
+    def seconds(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None:
+            return None
+        return max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
 
 
 def progress_line(
@@ -816,7 +859,7 @@ def report(console: Any, results: list[LegResult], summary: dict[str, Any], sour
         box=box.SIMPLE_HEAD,
     )
     columns = ["leg", "sess", "run", "out", "out/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU s", "core"]
-    columns += ["ms/out", "lag end", "drain s", "late ms", "broker s", "J"]
+    columns += ["ms/out", "lag", "drain s", "late ms", "broker s", "others s", "J"]
     for column in columns:
         table.add_column(column, justify="left" if column == "leg" else "right")
     for r in results:
@@ -838,14 +881,15 @@ def report(console: Any, results: list[LegResult], summary: dict[str, Any], sour
             "-" if r.drain_seconds is None else f"{r.drain_seconds:.2f}",
             f"{r.load_slip_max_ms:.0f}",
             "n/a" if r.broker_cpu_seconds is None else f"{r.broker_cpu_seconds:.1f}",
+            "n/a" if r.other_cpu_seconds is None else f"{r.other_cpu_seconds:.1f}",
             f"{r.joules:.0f}",
         )
     console.print(table)
     console.print(
         "out: r = records re-produced (pass-through), w = windows emitted (fusion); core: worker CPU as a share of "
-        "one core; ms/out: worker CPU per record or window; lag end: raw records not yet handled when the load "
+        "one core; ms/out: worker CPU per record or window; lag: raw records not yet handled when the load "
         "ended; late ms: the load generator's worst lateness against its real-time schedule; broker s: broker CPU "
-        "seconds"
+        "seconds; others s: CPU seconds of everything else on the machine (should be near 0)"
     )
 
     target = summary["target_p99_ms"]
@@ -962,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(json.loads(args.child))
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, width=160)  # piped or captured: do not squeeze the tables into 80
+        console = Console(highlight=False, width=180)  # piped or captured: do not squeeze the tables into 80
     try:
         results = asyncio.run(run(args, console))
     except KeyboardInterrupt:

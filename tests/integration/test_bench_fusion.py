@@ -46,6 +46,7 @@ async def test_bench_fusion_runs_both_legs_and_reports_percentiles(broker, tmp_p
         assert run["latency_p99_ms"] >= run["latency_p50_ms"] > 0
         assert run["latency_max_ms"] >= run["latency_p99_ms"]
         assert run["cpu_seconds"] > 0 and run["drain_seconds"] is not None and run["keeps_up"]
+        assert run["other_cpu_seconds"] is None or run["other_cpu_seconds"] >= 0
     entry = results["by_sessions"]["2"]
     assert set(entry["legs"]) == {"passthrough", "fusion"}
     assert entry["ratios"]["latency_p99"] > 0 and entry["ratios"]["cpu_seconds"] > 0
