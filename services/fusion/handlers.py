@@ -181,7 +181,7 @@ class FusionWorker:
         try:
             with self._timed("decode"):
                 chunk, _ = decode_event(signal_pb2.SignalChunk, record.value, record.headers)
-                validate_chunk(chunk, max_channels=4096)
+                validate_chunk(chunk, max_channels=self.settings.max_channels)
             session = state.sessions.get(chunk.session_id)
             if session is None:
                 if self.session_count >= self.settings.max_sessions:
@@ -190,10 +190,7 @@ class FusionWorker:
                 state.sessions[chunk.session_id] = session
                 self.fusion_metrics.sessions.set(self.session_count)
             with self._timed("place"):
-                try:
-                    session.add(RawChunk(chunk, record.partition, record.offset))
-                except ValueError as exc:
-                    raise InvalidArgument(str(exc), reason="stream_layout_changed") from exc
+                session.add(RawChunk(chunk, record.partition, record.offset))
             state.last_record_at[chunk.session_id] = time.monotonic()
             emitted = session.take_ready()
         except UndecodableEvent as exc:

@@ -68,7 +68,8 @@ class FusionSettings(ServiceSettings):
     ecg_band_hz: tuple[float, float] = (0.5, 40.0)
     filter_order: int = Field(default=4, ge=1, le=10)
     notch_quality: float = Field(default=30.0, gt=0)
-    # Bounds on what one worker holds.
+    # Bounds on what one worker holds (chunks beyond them are dead-lettered).
+    max_channels: int = Field(default=1024, gt=0)
     max_sessions: int = Field(default=10_000, gt=0)
     max_streams_per_session: int = Field(default=64, gt=0)
     commit_interval_seconds: float = Field(default=1.0, gt=0)

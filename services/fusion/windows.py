@@ -24,6 +24,7 @@ import numpy as np
 from clisonix.fusion.v1 import fusion_pb2
 from clisonix.signal.v1 import signal_pb2
 from services.common.chunks import modality_name
+from services.common.errors import InvalidArgument
 from services.fusion.clocks import Continuity
 from services.fusion.features import CONTEXT_SECONDS, FeatureInput, stream_features
 from services.fusion.filters import FilterPlan, apply_causal, filter_plan, resample_to_grid
@@ -129,12 +130,15 @@ class SessionWindows:
     # --- input ------------------------------------------------------------------------------------------
 
     def add(self, raw: RawChunk) -> None:
-        """Takes one raw chunk (already validated). Raises ValueError for a stream that changed its layout."""
+        """Takes one raw chunk (already validated). Raises InvalidArgument for one stream too many, or a stream
+        that changed its layout."""
         chunk = raw.chunk
         stream = self.streams.get(chunk.stream_id)
         if stream is None:
             if len(self.streams) >= self.config.max_streams:
-                raise ValueError(f"session has more than {self.config.max_streams} streams")
+                raise InvalidArgument(
+                    f"session has more than {self.config.max_streams} streams", reason="too_many_streams"
+                )
             stream = StreamState(
                 chunk,
                 self.config.clock_fit_seconds,
@@ -145,7 +149,9 @@ class SessionWindows:
             )
             self.streams[chunk.stream_id] = stream
         elif not stream.matches(chunk):
-            raise ValueError("stream changed its channels, rate or modality mid-session")
+            raise InvalidArgument(
+                "stream changed its channels, rate or modality mid-session", reason="stream_layout_changed"
+            )
         placed = stream.add(raw)
         if not self.emitted_any and math.isfinite(stream.known_from_s):
             # This worker started reading mid-stream (after a rebalance or crash): windows whose history

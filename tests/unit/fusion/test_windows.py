@@ -258,3 +258,22 @@ def test_events_counter_is_shared() -> None:
     session.add(RawChunk(chunk, 0, 0))
     session.add(RawChunk(chunk, 0, 1))
     assert events["duplicate"] == 1
+
+
+def test_a_stream_changing_layout_or_one_too_many_is_invalid() -> None:
+    from services.common.errors import InvalidArgument
+
+    session = SessionWindows("ps-test", WindowConfig(max_streams=1, stagger=False))
+    first = stream_chunks("ppg", signal_pb2.MODALITY_PPG, 125.0, 1)[0]
+    session.add(RawChunk(first, 0, 0))
+    changed = signal_pb2.SignalChunk()
+    changed.CopyFrom(first)
+    changed.sequence = 1
+    changed.nominal_rate_hz = 250.0
+    with pytest.raises(InvalidArgument) as layout:
+        session.add(RawChunk(changed, 0, 1))
+    assert layout.value.reason == "stream_layout_changed"
+    other = stream_chunks("resp", signal_pb2.MODALITY_RESPIRATION, 62.5, 1)[0]
+    with pytest.raises(InvalidArgument) as many:
+        session.add(RawChunk(other, 0, 2))
+    assert many.value.reason == "too_many_streams"
