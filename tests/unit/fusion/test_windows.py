@@ -277,3 +277,18 @@ def test_a_stream_changing_layout_or_one_too_many_is_invalid() -> None:
     with pytest.raises(InvalidArgument) as many:
         session.add(RawChunk(other, 0, 2))
     assert many.value.reason == "too_many_streams"
+
+
+def test_causal_cascade_equals_the_filters_one_after_another() -> None:
+    from scipy import signal
+
+    from services.fusion.filters import apply_causal, filter_plan
+
+    plan = filter_plan(256.0, (0.5, 45.0), 4, 50.0, 30.0)
+    assert len(plan.sections) == 2
+    x = np.random.default_rng(3).standard_normal((4, 1536)) + 5.0
+    expected = x
+    for sos in plan.sections:
+        zi = signal.sosfilt_zi(sos)[:, None, :] * expected[None, :, 0:1]
+        expected, _ = signal.sosfilt(sos, expected, axis=1, zi=zi)
+    np.testing.assert_allclose(apply_causal(plan, x), expected, atol=1e-9)
