@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.common import fmt_ratio, run_and_report
 
 TARGET_P99_MS = 10.0
 DEFAULT_SESSIONS = 100
@@ -435,7 +436,7 @@ async def leg_child(spec: dict[str, Any]) -> int:
     Latencies are taken exactly, one per window or record, with the emit time; CPU and energy are this
     process's from `go` until drained.
     """
-    from bench.ingest import open_meter
+    from bench.common import open_meter
 
     settings = leg_settings(spec)
     emitted: list[tuple[float, float]] = []  # (wall time, latency in seconds)
@@ -650,7 +651,7 @@ class Context:
 
 async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, total: int) -> LegResult:
     """One leg on fresh topics: start the worker and the load generator, run, drain, delete the topics."""
-    from bench.ingest import ProcessCpu, delete_topics
+    from bench.common import ProcessCpu, delete_topics
     from services.common.kafka import ensure_topics
     from services.common.settings import ServiceSettings
 
@@ -753,7 +754,7 @@ class OtherCpu:
     """CPU seconds the whole machine spent busy since creation, less what `pids` and this process used."""
 
     def __init__(self, pids: Sequence[int | None]) -> None:
-        from bench.ingest import ProcessCpu
+        from bench.common import ProcessCpu
 
         self.processes = [ProcessCpu(pid) for pid in pids if pid is not None]
         self.start = self._read()
@@ -843,10 +844,6 @@ def summarise(results: list[LegResult], counts: list[int], target_ms: float) -> 
     }
 
 
-def _fmt_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
 def report(console: Any, results: list[LegResult], summary: dict[str, Any], source: str, args: Any) -> None:
     from rich import box
     from rich.table import Table
@@ -903,11 +900,11 @@ def report(console: Any, results: list[LegResult], summary: dict[str, Any], sour
             f"fusion window emit latency p50 {fused['latency_ms']['p50']:.2f} / p95 {fused['latency_ms']['p95']:.2f} / "
             f"p99 {fused['latency_ms']['p99']:.2f} / max {fused['latency_ms']['max']:.1f} ms vs pass-through "
             f"record latency p50 {bare['latency_ms']['p50']:.2f} / p99 {bare['latency_ms']['p99']:.2f} ms: "
-            f"p99 fusion/pass-through {_fmt_ratio(ratios['latency_p99'])}"
+            f"p99 fusion/pass-through {fmt_ratio(ratios['latency_p99'])}"
         )
         console.print(
             f"  worker CPU fusion vs pass-through: {fused['cpu_seconds']:.1f} vs {bare['cpu_seconds']:.1f} s "
-            f"({_fmt_ratio(ratios['cpu_seconds'])}); {fused['cpu_core_share']:.0%} vs {bare['cpu_core_share']:.0%} "
+            f"({fmt_ratio(ratios['cpu_seconds'])}); {fused['cpu_core_share']:.0%} vs {bare['cpu_core_share']:.0%} "
             f"of one core; {fused['cpu_ms_per_output']:.2f} ms per window, {bare['cpu_ms_per_output']:.3f} ms per "
             f"record; fusion's CPU beyond the pass-through's: "
             + ("n/a" if entry["extra_cpu_ms_per_window"] is None else f"{entry['extra_cpu_ms_per_window']:.2f}")
@@ -994,7 +991,6 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark; returns 0 when it ran (whatever the verdict), 1 when something failed."""
-    from rich.console import Console
 
     parser = build_parser()
     try:
@@ -1004,21 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.child:
         return child_main(json.loads(args.child))
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, width=180)  # piped or captured: do not squeeze the tables into 80
-    try:
-        results = asyncio.run(run(args, console))
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-    except Exception as exc:
-        console.print(f"benchmark failed: {type(exc).__name__}: {exc}", markup=False)
-        return 1
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"results written to {args.json}")
-    return 0
+    return run_and_report(run, args, width=180)
 
 
 if __name__ == "__main__":

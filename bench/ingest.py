@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -27,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import ProcessCpu, delete_topics, fmt_ratio, open_meter, run_and_report
 from clisonix.signal.v1 import signal_pb2
 from services.common.chunks import SampleBlock, StreamSpec, to_chunk
-from services.common.energy import DEFAULT_WATTS_PER_CORE, EnergyMeter, EnergySourceUnavailable
+from services.common.energy import DEFAULT_WATTS_PER_CORE, EnergyMeter
 
 TARGET_RATIO = 0.7
 PSEUDONYM_KEY = "bench-pseudonym-key-0123456789"
@@ -260,47 +259,6 @@ def ingest_settings(bootstrap_servers: str, topic: str, deadletter: str, max_una
     )
 
 
-async def delete_topics(settings: Any, names: Sequence[str]) -> bool:
-    """Deletes the benchmark's topics, so that the broker (memory only) holds one leg's records at a time.
-
-    Best effort: returns False where the broker refuses or does not answer (the records then stay).
-    """
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from services.common.kafka import _security_options
-
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000, **_security_options(settings)
-    )
-    try:
-        await admin.start()
-        await asyncio.wait_for(admin.delete_topics(list(names)), timeout=15)
-        return True
-    except Exception:
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
-class ProcessCpu:
-    """CPU seconds (user + system) of another process, from /proc; None where unreadable."""
-
-    def __init__(self, pid: int | None) -> None:
-        self.pid = pid
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def seconds(self) -> float | None:
-        if self.pid is None:
-            return None
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self.tick
-
-
 async def bare_leg(
     run: int,
     topic: str,
@@ -472,16 +430,6 @@ def client_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_meter(source: str) -> EnergyMeter:
-    """The energy meter: "auto" here means rapl where readable, else the estimate (this benchmark is CPU work)."""
-    if source != "auto":
-        return EnergyMeter(source)
-    try:
-        return EnergyMeter("rapl")
-    except EnergySourceUnavailable:
-        return EnergyMeter("estimate")
-
-
 def summarise(results: list[LegResult]) -> dict[str, Any]:
     """Per-leg medians (throughput, energy) and pooled latency percentiles, and the ingest/bare ratios."""
     legs: dict[str, Any] = {}
@@ -517,10 +465,6 @@ def summarise(results: list[LegResult]) -> dict[str, Any]:
         "target_throughput_ratio": TARGET_RATIO,
         "verdict": "PASS" if throughput_ratio >= TARGET_RATIO else "BELOW TARGET",
     }
-
-
-def _fmt_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def report(
@@ -573,14 +517,14 @@ def report(
         )
     totals.add_row(
         "ingest / bare",
-        _fmt_ratio(ratios["throughput"]),
-        _fmt_ratio(ratios["throughput"]),
-        _fmt_ratio(ratios["latency_p50"]),
-        _fmt_ratio(ratios["latency_p99"]),
-        _fmt_ratio(legs["ingest"]["cpu_seconds_per_mb"] / legs["bare"]["cpu_seconds_per_mb"])
+        fmt_ratio(ratios["throughput"]),
+        fmt_ratio(ratios["throughput"]),
+        fmt_ratio(ratios["latency_p50"]),
+        fmt_ratio(ratios["latency_p99"]),
+        fmt_ratio(legs["ingest"]["cpu_seconds_per_mb"] / legs["bare"]["cpu_seconds_per_mb"])
         if legs["bare"]["cpu_seconds_per_mb"]
         else "n/a",
-        _fmt_ratio(ratios["joules_per_mb"]),
+        fmt_ratio(ratios["joules_per_mb"]),
     )
     console.print(totals)
 
@@ -593,13 +537,13 @@ def report(
     )
     console.print(
         f"ack latency ingest vs bare delivery: p50 {legs['ingest']['latency_p50_ms']:.1f} vs "
-        f"{legs['bare']['latency_p50_ms']:.1f} ms ({_fmt_ratio(ratios['latency_p50'])}), "
+        f"{legs['bare']['latency_p50_ms']:.1f} ms ({fmt_ratio(ratios['latency_p50'])}), "
         f"p99 {legs['ingest']['latency_p99_ms']:.1f} vs {legs['bare']['latency_p99_ms']:.1f} ms "
-        f"({_fmt_ratio(ratios['latency_p99'])}); window {args.max_unacked} in flight per stream x {args.streams}"
+        f"({fmt_ratio(ratios['latency_p99'])}); window {args.max_unacked} in flight per stream x {args.streams}"
     )
     console.print(
         f"energy per MB: ingest {legs['ingest']['joules_per_mb']:.2f} J/MB vs bare "
-        f"{legs['bare']['joules_per_mb']:.2f} J/MB ({_fmt_ratio(ratios['joules_per_mb'])}); "
+        f"{legs['bare']['joules_per_mb']:.2f} J/MB ({fmt_ratio(ratios['joules_per_mb'])}); "
         + ENERGY_NOTES[source].format(watts=watts)
     )
 
@@ -690,7 +634,6 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark; returns 0 when it ran (whatever the ratio), 1 when something failed."""
-    from rich.console import Console
 
     parser = build_parser()
     try:
@@ -700,21 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.client_worker:
         return client_worker(args)
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, width=120)  # piped or captured: do not squeeze the tables into 80
-    try:
-        results = asyncio.run(run(args, console))
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-    except Exception as exc:
-        console.print(f"benchmark failed: {type(exc).__name__}: {exc}", markup=False)
-        return 1
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"results written to {args.json}")
-    return 0
+    return run_and_report(run, args, width=120)
 
 
 if __name__ == "__main__":
