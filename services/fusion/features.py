@@ -22,6 +22,7 @@ from scipy import ndimage, signal
 
 from clisonix.fusion.v1 import fusion_pb2
 from clisonix.signal.v1 import signal_pb2
+from services.fusion.filters import steady_state
 
 # Seconds of signal before the window start that each modality's features need; modalities not listed need none.
 # ECG: the QRS threshold averages 0.75 s and a few beats give the RR median. PPG: the 0.5 Hz band-pass settles and
@@ -437,19 +438,11 @@ def _zero_phase(x: np.ndarray, sos: np.ndarray, rate: float) -> np.ndarray:
     if x.size < 2:
         return x.copy()
     pad = min(x.size - 1, _samples(1.0, rate))
-    zi = _steady_state(sos.tobytes(), sos.shape)
+    zi = steady_state(sos)
     padded = np.concatenate((2 * x[0] - x[pad:0:-1], x, 2 * x[-1] - x[-2 : -pad - 2 : -1]))
     forward, _ = signal.sosfilt(sos, padded, zi=zi * padded[0])
     backward, _ = signal.sosfilt(sos, forward[::-1], zi=zi * forward[-1])
     return np.asarray(backward[::-1][pad : pad + x.size])
-
-
-@lru_cache(maxsize=64)
-def _steady_state(sos_bytes: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """sosfilt_zi of a filter (keyed by its coefficients' bytes, as arrays are not hashable)."""
-    zi = signal.sosfilt_zi(np.frombuffer(sos_bytes).reshape(shape))
-    zi.flags.writeable = False
-    return zi
 
 
 @lru_cache(maxsize=16)
