@@ -13,8 +13,6 @@ Pure: numpy only.
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
@@ -84,7 +82,9 @@ class StreamClock:
         self.reset_seconds = reset_seconds
         self.max_gap_seconds = max(max_gap_seconds, reset_seconds)
         self.segment = -1
-        self._points: deque[tuple[int, float]] = deque()  # (sample index, session time) of recent chunks
+        # Sample index and session time of the first sample of each recent chunk, oldest first.
+        self._indices = np.empty(0, dtype=np.int64)
+        self._times = np.empty(0, dtype=np.float64)
         self._line: ClockLine | None = None
         self._last_sequence = -1
         self._last_source_time = -np.inf
@@ -117,7 +117,7 @@ class StreamClock:
 
         if continuity in (Continuity.FIRST, Continuity.RESET):
             self.segment += 1
-            self._points.clear()
+            self._indices, self._times = self._indices[:0], self._times[:0]
             index = 0
         elif continuity is Continuity.GAP:
             assert line is not None
@@ -126,9 +126,13 @@ class StreamClock:
         else:
             index = self._next_index
 
-        self._points.append((index, session_time))
-        while self._points and self._points[0][1] < session_time - self.fit_seconds:
-            self._points.popleft()
+        self._indices = np.append(self._indices, index)
+        self._times = np.append(self._times, session_time)
+        # Points older than the horizon leave from the front (the newest one never does).
+        below = self._times < session_time - self.fit_seconds
+        if below[0]:
+            expired = int(np.argmin(below))
+            self._indices, self._times = self._indices[expired:], self._times[expired:]
         self._line = self._fit(index, session_time)
         self._last_sequence = sequence
         self._last_source_time = source_time_s
@@ -136,23 +140,21 @@ class StreamClock:
         return Placement(continuity, self.segment, index, self._line)
 
     def _fit(self, last_index: int, last_time: float) -> ClockLine:
-        """A robust line through the recent points, relative to the newest one (so only differences matter).
-
-        Plain Python arithmetic: a few dozen points, once per chunk, where numpy's per-call cost would dominate.
-        """
-        x = [float(p[0] - last_index) for p in self._points]
-        y = [p[1] - last_time for p in self._points]
+        """A robust line through the recent points, relative to the newest one (so only differences matter)."""
+        x = (self._indices - last_index).astype(np.float64)
+        y = self._times - last_time
         nominal_slope = 1.0 / self.nominal_rate_hz
         if len(x) < 3 or (x[-1] - x[0]) * nominal_slope < _MIN_FIT_SPAN_S:
-            intercept = statistics.median([b - a * nominal_slope for a, b in zip(x, y, strict=True)])
+            intercept = float(np.median(y - x * nominal_slope))
             return ClockLine(last_index, last_time + intercept, nominal_slope, _rms(x, y, nominal_slope, intercept))
         slope, intercept = _least_squares(x, y)
-        rms = _rms(x, y, slope, intercept)
-        limit = max(_OUTLIER_SIGMAS * rms, _MIN_OUTLIER_S)
-        kept = [(a, b) for a, b in zip(x, y, strict=True) if abs(b - (intercept + slope * a)) <= limit]
-        if len(x) - 3 >= len(x) - len(kept) > 0:
+        residuals = y - (intercept + slope * x)
+        rms = math.sqrt(float(np.dot(residuals, residuals)) / len(x))
+        kept = np.abs(residuals) <= max(_OUTLIER_SIGMAS * rms, _MIN_OUTLIER_S)
+        dropped = len(x) - int(np.count_nonzero(kept))
+        if len(x) - 3 >= dropped > 0:
             # A timestamp far off the line (a delayed chunk) would tilt it: fit again without it.
-            x, y = [a for a, _ in kept], [b for _, b in kept]
+            x, y = x[kept], y[kept]
             slope, intercept = _least_squares(x, y)
             rms = _rms(x, y, slope, intercept)
         if slope <= 0:  # timestamps that do not advance: fall back on the nominal rate
@@ -160,18 +162,19 @@ class StreamClock:
         return ClockLine(last_index, last_time + intercept, slope, rms)
 
 
-def _least_squares(x: list[float], y: list[float]) -> tuple[float, float]:
-    n = len(x)
-    x_mean = sum(x) / n
-    y_mean = sum(y) / n
-    sxx = sum((a - x_mean) ** 2 for a in x)
+def _least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    x_mean = float(x.mean())
+    y_mean = float(y.mean())
+    dx = x - x_mean
+    sxx = float(np.dot(dx, dx))
     if sxx == 0.0:
         return 0.0, y_mean
-    slope = sum((a - x_mean) * (b - y_mean) for a, b in zip(x, y, strict=True)) / sxx
+    slope = float(np.dot(dx, y - y_mean)) / sxx
     return slope, y_mean - slope * x_mean
 
 
-def _rms(x: list[float], y: list[float], slope: float, intercept: float) -> float:
-    if not x:
+def _rms(x: np.ndarray, y: np.ndarray, slope: float, intercept: float) -> float:
+    if not len(x):
         return 0.0
-    return math.sqrt(sum((b - intercept - slope * a) ** 2 for a, b in zip(x, y, strict=True)) / len(x))
+    residuals = y - intercept - slope * x
+    return math.sqrt(float(np.dot(residuals, residuals)) / len(x))

@@ -9,10 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from scipy import signal
+
+try:  # the compiled loop behind signal.sosfilt, without its per-call checks (most of its cost on a chunk)
+    from scipy.signal._sosfilt import _sosfilt as _sosfilt_kernel
+except ImportError:  # pragma: no cover - another scipy layout: fall back on the public function
+    _sosfilt_kernel = None
 
 # resample_poly's up/down factors stay small; the exact remainder of the rate ratio is taken up by
 # interpolating onto the window's grid from the dejittered sample times.
@@ -25,6 +30,13 @@ class FilterPlan:
 
     sections: tuple[np.ndarray, ...]
     names: tuple[str, ...]
+
+    @cached_property
+    def cascade(self) -> np.ndarray:
+        """All the filters as one cascade of second-order sections: one sosfilt call runs them all, at half the
+        cost of a call per filter on 32-channel EEG, with the same result."""
+        sos = self.sections[0] if len(self.sections) == 1 else np.concatenate(self.sections)
+        return np.ascontiguousarray(sos, dtype=np.float64)
 
 
 @lru_cache(maxsize=256)
@@ -61,12 +73,24 @@ def _steady_state(sos_bytes: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return zi
 
 
+def sosfilt_rows(sos: np.ndarray, samples: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """Filters each row of (rows, n) `samples` by the cascade `sos`, continuing from `state` (rows, sections, 2),
+    which it updates in place; returns the output. The same numbers as signal.sosfilt along axis 1 with
+    zi = state moved to (sections, rows, 2), at a fraction of its per-call cost on short chunks."""
+    out = np.array(samples, dtype=np.float64, order="C")
+    if _sosfilt_kernel is not None:
+        _sosfilt_kernel(sos, out, state)
+        return out
+    filtered, final = signal.sosfilt(sos, out, axis=1, zi=np.moveaxis(state, 0, 1))
+    state[...] = np.moveaxis(final, 1, 0)
+    return np.asarray(filtered)
+
+
 def apply_causal(plan: FilterPlan, samples: np.ndarray) -> np.ndarray:
     """Filters (channels, n) samples causally, each filter starting in steady state at the first sample."""
     if not plan.sections:
         return samples
-    # One cascade, one call: half the cost of a call per filter on 32-channel EEG, the same result.
-    sos = plan.sections[0] if len(plan.sections) == 1 else np.concatenate(plan.sections)
+    sos = plan.cascade
     zi = steady_state(sos)
     out, _ = signal.sosfilt(sos, samples, axis=1, zi=zi[:, None, :] * samples[None, :, 0:1])
     return out

@@ -13,7 +13,9 @@ import numpy as np
 
 from clisonix.signal.v1 import signal_pb2
 from services.common.chunks import physical_samples, unpack_samples
+from services.fusion.buffers import SegmentSignal
 from services.fusion.clocks import ClockLine, Continuity, StreamClock
+from services.fusion.filters import FilterPlan
 
 _INT16_EXTREMES = (-32768, 32767)
 
@@ -38,7 +40,6 @@ class PlacedChunk:
     continuity: Continuity
     index: int
     line: ClockLine
-    samples: np.ndarray  # (channels, count) physical float64
     at_digital_limit: np.ndarray  # (channels,) bool: an int16 sample at the end of the int16 range
     source_time_s: float
     count: int
@@ -61,6 +62,8 @@ class StreamState:
         lateness_seconds: float,
         events: Counter[str],
         max_gap_seconds: float = 30.0,
+        filter_plan: FilterPlan | None = None,
+        filter_epoch_seconds: float = 8.0,
     ) -> None:
         self.stream_id = first.stream_id
         self.modality = int(first.modality)
@@ -71,6 +74,10 @@ class StreamState:
         self.events = events
         self.clock = StreamClock(first.nominal_rate_hz, fit_seconds, reset_seconds, max_gap_seconds)
         self.placed: deque[PlacedChunk] = deque()
+        # The samples of each clock segment still held, raw and filtered (see buffers.py).
+        self.signals: dict[int, SegmentSignal] = {}
+        self.filter_plan = filter_plan
+        self.filter_epoch_seconds = filter_epoch_seconds
         self._pending: dict[int, RawChunk] = {}
         self._next_sequence: int | None = None
         self._seq0_time: float | None = None  # source time of the current incarnation's sequence 0
@@ -181,7 +188,6 @@ class StreamState:
             continuity=placement.continuity,
             index=placement.index,
             line=placement.line,
-            samples=physical_samples(chunk),
             at_digital_limit=at_limit,
             source_time_s=chunk.first_sample_time_s,
             count=int(chunk.sample_count),
@@ -189,6 +195,13 @@ class StreamState:
             end_s=placement.line.at(placement.index + int(chunk.sample_count)),
         )
         self.placed.append(placed)
+        segment = self.signals.get(placement.segment)
+        if segment is None:
+            segment = SegmentSignal(
+                len(self.channel_names), placement.index, self.filter_plan, self.filter_epoch_seconds
+            )
+            self.signals[placement.segment] = segment
+        segment.append(placement.index, physical_samples(chunk), placement.line)
         self.retained.append((placed.end_s, raw.offset))
         self.first_time_s = min(self.first_time_s, placed.start_s)
         self.covered_to_s = (
@@ -202,10 +215,22 @@ class StreamState:
             self._start()
         return self._flush_pending()
 
-    def forget_before(self, samples_from_s: float, offsets_from_s: float) -> None:
-        """Drops samples ending before samples_from_s and offset records ending before offsets_from_s."""
+    def forget_before(self, samples_from_s: float, offsets_from_s: float, filter_epoch: int) -> None:
+        """Drops samples ending before samples_from_s, filter runs that windows from filter epoch `filter_epoch`
+        on do not use, and offset records ending before offsets_from_s."""
         while self.placed and self.placed[0].end_s < samples_from_s and len(self.placed) > 1:
             self.placed.popleft()
+        first_held: dict[int, int] = {}
+        if len(self.signals) == 1 and self.placed:  # the usual case: one clock segment
+            first_held[self.placed[0].segment] = self.placed[0].index
+        else:
+            for placed in self.placed:
+                first_held.setdefault(placed.segment, placed.index)
+        for number in list(self.signals):
+            if number in first_held:
+                self.signals[number].forget_before(first_held[number], filter_epoch)
+            else:
+                del self.signals[number]
         while self.retained and self.retained[0][0] < offsets_from_s:
             self.retained.popleft()
 

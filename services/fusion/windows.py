@@ -18,6 +18,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from services.common.chunks import modality_name
 from services.common.errors import InvalidArgument
 from services.fusion.clocks import Continuity
 from services.fusion.features import CONTEXT_SECONDS, FeatureInput, stream_features
-from services.fusion.filters import FilterPlan, apply_causal, filter_plan, resample_to_grid
+from services.fusion.filters import FilterPlan, filter_plan, resample_to_grid
 from services.fusion.streams import PlacedChunk, RawChunk, StreamState
 
 WINDOW_ID_NAMESPACE = uuid.UUID("6f1c5e0a-2b7d-5c3e-9a41-0c1a5f3e7b21")
@@ -44,6 +45,8 @@ class WindowConfig:
     window_seconds: float = 2.0
     hop_seconds: float = 1.0
     filter_warmup_seconds: float = 4.0
+    # Filters restart from rest at multiples of this on the session clock (see buffers.py).
+    filter_epoch_seconds: float = 8.0
     peak_latency_seconds: float = 0.3
     clock_fit_seconds: float = 10.0
     clock_reset_seconds: float = 0.5
@@ -76,17 +79,25 @@ class WindowConfig:
     def context_seconds(self, modality: int) -> float:
         return CONTEXT_SECONDS.get(modality, 0.0)
 
+    def filter_epoch(self, modality: int, window_start_s: float) -> int:
+        """The filter epoch whose run a window starting at `window_start_s` uses: the newest that starts at
+        least the filters' lead (warm-up, or the feature context where that is longer) before the window."""
+        lead = max(self.context_seconds(modality), self.filter_warmup_seconds)
+        return math.floor((window_start_s - lead) / self.filter_epoch_seconds + 1e-9)
+
     def stream_history_seconds(self, modality: int) -> float:
         """How far before a window's start its content may look for a stream of `modality`."""
         return self.context_seconds(modality) + max(self.filter_warmup_seconds, _RESAMPLE_MARGIN_S)
 
-    @property
+    # Cached: asked for on every chunk (the config is frozen, so computed once).
+    @cached_property
     def history_seconds(self) -> float:
-        """How far before a window's start its content may look (samples of the longest context)."""
+        """How far before a window's start its content may depend on the log: the longest context and the
+        filters' lead, plus an epoch for the filter run it uses, which started up to an epoch earlier."""
         longest_context = max([0.0, *CONTEXT_SECONDS.values()])
-        return longest_context + max(self.filter_warmup_seconds, _RESAMPLE_MARGIN_S)
+        return longest_context + max(self.filter_warmup_seconds, _RESAMPLE_MARGIN_S) + self.filter_epoch_seconds
 
-    @property
+    @cached_property
     def retain_seconds(self) -> float:
         """How far before the next window the raw log must stay readable: history plus the clock fit's horizon,
         plus a hop of slack for streams that interleave unevenly in the log.
@@ -125,6 +136,7 @@ class SessionWindows:
         # Windows before this were emitted by whoever read the log before this worker (see add()).
         self.warm_from_s = -math.inf
         self.emitted_any = False
+        self._forgot_for: int | None = None  # the next window index _forget() last ran for
         self.phase_s = grid_phase(session_id, config.hop_seconds) if config.stagger else 0.0
 
     # --- input ------------------------------------------------------------------------------------------
@@ -146,6 +158,8 @@ class SessionWindows:
                 self.config.lateness_seconds,
                 self.events,
                 self.config.max_gap_seconds,
+                self.config.filters(chunk.modality, chunk.nominal_rate_hz),
+                self.config.filter_epoch_seconds,
             )
             self.streams[chunk.stream_id] = stream
         elif not stream.matches(chunk):
@@ -222,12 +236,16 @@ class SessionWindows:
         return out
 
     def _forget(self) -> None:
-        if self.next_index is None:
+        # What may be forgotten depends only on the next window: nothing new until it moves on.
+        if self.next_index is None or self.next_index == self._forgot_for:
             return
+        self._forgot_for = self.next_index
         start, _ = self._bounds(self.next_index)
         for stream in self.streams.values():
             samples_from = start - self.config.stream_history_seconds(stream.modality)
-            stream.forget_before(samples_from, start - self.config.retain_seconds)
+            stream.forget_before(
+                samples_from, start - self.config.retain_seconds, self.config.filter_epoch(stream.modality, start)
+            )
         # A stream silent for longer than the retained history is gone; if it comes back, it starts afresh.
         for stream_id in [
             sid
@@ -274,13 +292,10 @@ class SessionWindows:
         window_count = round((end - start) * rate)
         context = config.context_seconds(stream.modality)
         plan = config.filters(stream.modality, stream.nominal_rate_hz)
-        # Grid points before the window, in whole grid steps: the feature context, which also serves as the
-        # filters' warm-up where it is long enough (features tolerate what is left of the filters' settling).
+        # Grid points before the window, in whole grid steps: the feature context and a margin in which
+        # resampling settles. The filters settled before that, in their run (see buffers.py).
         context_count = round(context * rate)
-        if plan is not None:
-            lead_count = max(context_count, round(config.filter_warmup_seconds * rate))
-        else:
-            lead_count = context_count + round(_RESAMPLE_MARGIN_S * rate)
+        lead_count = context_count + round(_RESAMPLE_MARGIN_S * rate)
         grid_start = start - lead_count / rate
         block = fusion_pb2.StreamWindow(
             stream_id=stream.stream_id,
@@ -301,14 +316,30 @@ class SessionWindows:
 
         t0 = time.perf_counter()
         line = chunks[-1].line
-        samples, valid, first_index = _contiguous(chunks)
-        times = line.time_of(first_index + np.arange(samples.shape[1]))
-        keep = (times >= grid_start - 2 * line.slope_s) & (times <= end + 2 * line.slope_s)
-        samples, valid, times = samples[:, keep], valid[keep], times[keep]
+        segment = stream.signals[chunks[0].segment]
+        # The samples from the grid start (less two sampling periods, for interpolation) to the window end.
+        slope = line.slope_s
+        first = max(chunks[0].index, segment.start, line.index + math.floor((grid_start - line.time_s) / slope) - 2)
+        stop = min(
+            chunks[-1].index + chunks[-1].count, segment.end, line.index + math.ceil((end - line.time_s) / slope) + 3
+        )
+        run = None
+        if plan is not None and plan.sections:
+            run = segment.run_for(config.filter_epoch(stream.modality, start))
+            if run is not None:
+                first = max(first, run.start)
+        stop = max(first, stop)
+        times = line.time_of(np.arange(first, stop))
+        keep = (times >= grid_start - 2 * slope) & (times <= end + 2 * slope)
+        lo = int(np.argmax(keep)) if keep.any() else 0
+        hi = lo + int(np.count_nonzero(keep))
+        first, stop, times = first + lo, first + hi, times[lo:hi]
+        unfiltered = segment.raw.view(first, stop)
+        valid = segment.valid.view(first, stop)[0]
         t1 = time.perf_counter()
-        unfiltered = samples
-        if plan is not None and samples.shape[1] > 0:
-            samples = apply_causal(plan, samples)
+        samples = unfiltered
+        if run is not None and plan is not None:
+            samples = run.output.view(first, stop)
             block.filters.extend(plan.names)
         t2 = time.perf_counter()
         grid_count = lead_count + window_count
@@ -333,13 +364,13 @@ class SessionWindows:
         segment_start = chunks[0].start_s if chunks[0].continuity is Continuity.RESET else -math.inf
         block.quality.reset = grid_start <= segment_start < end
         block.effective_rate_hz = line.effective_rate_hz
-        first = chunks[0]
-        block.clock_offset_s = line.at(first.index) - first.source_time_s
+        first_chunk = chunks[0]
+        block.clock_offset_s = line.at(first_chunk.index) - first_chunk.source_time_s
         block.jitter_s = line.jitter_s
         block.chunks.first_sequence = min(c.sequence for c in chunks)
         block.chunks.last_sequence = max(c.sequence for c in chunks)
         block.chunks.chunk_count = len(chunks)
-        block.chunks.partition = first.partition
+        block.chunks.partition = first_chunk.partition
         block.chunks.first_offset = min(c.offset for c in chunks)
         block.chunks.last_offset = max(c.offset for c in chunks)
 
@@ -392,25 +423,6 @@ def _segment_chunks(stream: StreamState, grid_start: float, start: float, end: f
     chunks = [c for c in stream.placed if c.segment == segment and c.end_s > grid_start and c.start_s < end]
     chunks.sort(key=lambda c: c.index)
     return chunks
-
-
-def _contiguous(chunks: list[PlacedChunk]) -> tuple[np.ndarray, np.ndarray, int]:
-    """The chunks' samples on consecutive sample indices: holes held at the last value and marked invalid."""
-    first_index = chunks[0].index
-    total = chunks[-1].index + chunks[-1].count - first_index
-    channels = chunks[0].samples.shape[0]
-    samples = np.empty((channels, total))
-    valid = np.zeros(total, dtype=bool)
-    filled_to = 0
-    for chunk in chunks:
-        lo = chunk.index - first_index
-        if lo > filled_to:
-            samples[:, filled_to:lo] = samples[:, filled_to - 1 : filled_to] if filled_to else chunk.samples[:, :1]
-        hi = lo + chunk.count
-        samples[:, lo:hi] = chunk.samples
-        valid[lo:hi] = True
-        filled_to = max(filled_to, hi)
-    return samples, valid, first_index
 
 
 def _flat(samples: np.ndarray) -> bool:
