@@ -31,6 +31,8 @@ from bench.common import fmt_ratio, run_and_report
 
 TARGET_P99_MS = 10.0
 DEFAULT_SESSIONS = 100
+# One worker process per core of the 2-core machine the target is set for; the design scales by partitions.
+DEFAULT_WORKERS = 2
 PSEUDONYM_KEY = "bench-pseudonym-key-0123456789"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEGS = ("passthrough", "fusion")
@@ -83,6 +85,7 @@ class LegResult:
     # CPU the machine spent on anything but this benchmark's processes (worker, load generator, broker, this one)
     # during the leg: other work on a small machine disturbs every figure; None where /proc/stat is unreadable.
     other_cpu_seconds: float | None = None
+    workers: int = 1  # worker processes of the leg, in one consumer group; CPU and counts are their sums
 
     @property
     def unit(self) -> str:
@@ -94,7 +97,7 @@ class LegResult:
 
     @property
     def cpu_core_share(self) -> float:
-        """The worker's CPU time over its span, as a share of one core."""
+        """The workers' CPU time over the span, as a share of one core (two busy workers: up to 2.0)."""
         return self.cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -178,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out of the percentiles what the worker emits in a leg's first seconds (default 5)",
     )
     parser.add_argument("--block-seconds", type=float, default=0.25, help="seconds of signal per chunk (0.25)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"worker processes per leg, in one consumer group (default {DEFAULT_WORKERS}: one per core here)",
+    )
+    parser.add_argument(
+        "--partitions", type=int, help="partitions of the raw topic (default: twice the workers, so they split evenly)"
+    )
     parser.add_argument("--eeg-channels", type=int, default=32, help="EEG channels per session (default 32)")
     parser.add_argument("--repeats", type=int, default=1, help="pass-through/fusion pairs per session count (1)")
     parser.add_argument(
@@ -207,10 +219,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "--eeg-channels": args.eeg_channels,
         "--repeats": args.repeats,
         "--target-p99-ms": args.target_p99_ms,
+        "--workers": args.workers,
     }
     for name, value in positive.items():
         if not value > 0:
             parser.error(f"{name} must be positive")
+    if args.partitions is None:
+        args.partitions = 2 * args.workers
+    if args.partitions < args.workers:
+        parser.error("--partitions must be at least --workers (a worker without a partition idles)")
     if args.block_seconds > args.seconds:
         parser.error("--block-seconds must not exceed --seconds")
     if not 0 <= args.warmup_seconds < args.seconds:
@@ -469,10 +486,12 @@ async def leg_child(spec: dict[str, Any]) -> int:
             def handled() -> dict[Any, int]:
                 return dict(passthrough.positions)
 
+        # Ready once the group has settled: every worker holds its share, so no rebalance falls inside the leg.
+        share = spec["partitions_per_worker"]
         deadline = time.monotonic() + 60
-        while not consumer.assignment():
+        while not 0 < len(consumer.assignment()) <= share:
             if time.monotonic() > deadline:
-                raise TimeoutError("the worker got no partitions within 60 s")
+                raise TimeoutError(f"the worker did not get its share of {share} partitions within 60 s")
             await asyncio.sleep(0.05)
 
         def lag() -> int:
@@ -486,7 +505,10 @@ async def leg_child(spec: dict[str, Any]) -> int:
 
         def lag_to(end_offsets: dict[int, int]) -> int:
             positions = {tp.partition: offset for tp, offset in handled().items()}
-            return sum(max(0, end - positions.get(partition, 0)) for partition, end in end_offsets.items())
+            mine = {tp.partition for tp in consumer.assignment()}
+            return sum(
+                max(0, end - positions.get(partition, 0)) for partition, end in end_offsets.items() if partition in mine
+            )
 
         meter = open_meter(spec["energy_source"])
         _say("ready")
@@ -659,7 +681,7 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
     prefix = f"bench.fusion.{ctx.run_id}.{leg}.{sessions}.{run}"
     topics = {"topic_raw": f"{prefix}.raw", "topic_out": f"{prefix}.out", "topic_deadletter": f"{prefix}.deadletter"}
     admin_settings = ServiceSettings(kafka_bootstrap_servers=ctx.bootstrap_servers)
-    await ensure_topics(admin_settings, topics.values())
+    await ensure_topics(admin_settings, topics.values(), partitions=args.partitions)
     common = {
         "bootstrap_servers": ctx.bootstrap_servers,
         "run_id": f"{ctx.run_id}-{leg}-{sessions}-{run}",
@@ -669,6 +691,7 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
         "eeg_channels": args.eeg_channels,
         "warmup_seconds": args.warmup_seconds,
         "energy_source": args.energy_source,
+        "partitions_per_worker": -(-args.partitions // args.workers),
         **topics,
     }
     load_rate = sessions * len(STREAMS) / args.block_seconds
@@ -677,33 +700,36 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
     console.print(f"{label}: starting ...")
     children: list[Child] = []
     try:
-        worker = await Child.start(leg, {**common, "role": leg, "group": f"{prefix}.group"})
-        children.append(worker)
+        workers = []
+        for number in range(1, args.workers + 1):
+            name = f"{leg} worker {number}" if args.workers > 1 else leg
+            workers.append(await Child.start(name, {**common, "role": leg, "group": f"{prefix}.group"}))
+            children.append(workers[-1])
         load = await Child.start("load generator", {**common, "role": "load"})
         children.append(load)
         broker_cpu = ProcessCpu(ctx.broker_pid)
-        worker_cpu = ProcessCpu(worker.pid)
-        await asyncio.gather(worker.expect("ready", 120), load.expect("ready", 120))
+        workers_cpu = WorkersCpu([worker.pid for worker in workers])
+        await asyncio.gather(*(child.expect("ready", 120) for child in children))
         broker_before = broker_cpu.seconds()
-        others = OtherCpu([worker.pid, load.pid, ctx.broker_pid])
+        others = OtherCpu([*(worker.pid for worker in workers), load.pid, ctx.broker_pid])
         go = time.time() + START_LEAD_S
-        worker.send(f"go {go!r}")
-        load.send(f"go {go!r}")
+        for child in children:
+            child.send(f"go {go!r}")
         done = load.message("done")
-        last_cpu, last_at = worker_cpu.seconds(), time.monotonic()
+        results_in = [worker.message("result") for worker in workers]
         while not done.done():
-            await asyncio.wait([done, worker.message("result")], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            if worker.message("result").done():
-                worker.message("result").result()  # raises where the worker died
-                raise RuntimeError("the worker stopped before the load ended")
-            cpu, at = worker_cpu.seconds(), time.monotonic()
-            share = None if cpu is None or last_cpu is None else (cpu - last_cpu) / (at - last_at)
-            last_cpu, last_at = cpu, at
+            await asyncio.wait([done, *results_in], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            for worker, result_in in zip(workers, results_in, strict=True):
+                if result_in.done():
+                    result_in.result()  # raises where the worker died
+                    raise RuntimeError(f"{worker.name} stopped before the load ended")
+            share = workers_cpu.share()
             if time.time() >= go and not done.done():
-                console.print(progress_line(leg, go, load.progress, worker.progress, share, load_rate))
+                console.print(progress_line(leg, go, load.progress, merged_progress(workers), share, load_rate))
         outcome = done.result()
-        worker.send("end " + json.dumps(outcome["end_offsets"]))
-        data = await worker.expect("result", DRAIN_TIMEOUT_S + 60)
+        for worker in workers:
+            worker.send("end " + json.dumps(outcome["end_offsets"]))
+        data = merged_results(await asyncio.gather(*(w.expect("result", DRAIN_TIMEOUT_S + 60) for w in workers)))
         broker_after = broker_cpu.seconds()
         other_cpu_seconds = others.seconds()
     finally:
@@ -734,11 +760,12 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
         load_cpu_seconds=outcome["cpu_seconds"],
         broker_cpu_seconds=None if broker_before is None or broker_after is None else broker_after - broker_before,
         other_cpu_seconds=other_cpu_seconds,
+        workers=args.workers,
     )
     p = result.percentiles_ms()
     console.print(
         f"{label}: {result.outputs:,} {result.unit}s, {result.outputs_per_s:,.1f}/s; p50 {p['p50']:.2f} ms, "
-        f"p99 {p['p99']:.2f} ms, max {p['max']:.1f} ms; worker CPU {result.cpu_seconds:.1f} s "
+        f"p99 {p['p99']:.2f} ms, max {p['max']:.1f} ms; CPU of {result.workers} worker(s) {result.cpu_seconds:.1f} s "
         f"({result.cpu_core_share:.0%} of a core); lag at end {result.lag_at_end} records, "
         + ("drained in " + f"{result.drain_seconds:.2f} s" if result.drain_seconds is not None else "did NOT drain")
     )
@@ -748,6 +775,57 @@ async def run_leg(ctx: Context, leg: str, sessions: int, run: int, index: int, t
             f"leg ({result.other_cpu_seconds / result.seconds:.0%} of a core): its figures are disturbed[/yellow]"
         )
     return result
+
+
+def merged_progress(workers: Sequence[Child]) -> dict[str, Any]:
+    """One progress report for a leg's workers: outputs and lag summed, the worst p99."""
+    reports = [worker.progress for worker in workers]
+    p99s = [r["p99_ms"] for r in reports if r.get("p99_ms") is not None]
+    return {
+        "outputs": sum(r.get("outputs", 0) for r in reports),
+        "lag": sum(r.get("lag", 0) for r in reports),
+        "p99_ms": max(p99s) if p99s else None,
+    }
+
+
+def merged_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result for a leg's workers: counts, CPU and latencies pooled; the slowest drain; measured energy
+    (the whole machine's, read by every worker over the same span) taken once, estimates summed."""
+    drains = [r["drain_seconds"] for r in results]
+    source = results[0]["energy_source"]
+    joules = [r["joules"] for r in results]
+    return {
+        "outputs": sum(r["outputs"] for r in results),
+        "steady_outputs": sum(r["steady_outputs"] for r in results),
+        "steady_seconds": max(r["steady_seconds"] for r in results),
+        "seconds": max(r["seconds"] for r in results),
+        "latencies_s": [latency for r in results for latency in r["latencies_s"]],
+        "cpu_seconds": sum(r["cpu_seconds"] for r in results),
+        "joules": sum(joules) if source == "estimate" else max(joules),
+        "energy_source": source,
+        "lag_at_end": sum(r["lag_at_end"] for r in results),
+        "max_lag": sum(r["max_lag"] for r in results),
+        "drain_seconds": None if None in drains else max(drains),
+    }
+
+
+class WorkersCpu:
+    """The CPU share of a leg's worker processes together since the last call (one core = 1.0)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        from bench.common import ProcessCpu
+
+        self.processes = [ProcessCpu(pid) for pid in pids]
+        self.last = self._read(), time.monotonic()
+
+    def _read(self) -> float | None:
+        readings = [process.seconds() for process in self.processes]
+        return None if None in readings else sum(r for r in readings if r is not None)
+
+    def share(self) -> float | None:
+        (last_cpu, last_at), cpu, at = self.last, self._read(), time.monotonic()
+        self.last = cpu, at
+        return None if cpu is None or last_cpu is None or at <= last_at else (cpu - last_cpu) / (at - last_at)
 
 
 class OtherCpu:
@@ -791,9 +869,9 @@ def progress_line(
     )
 
 
-def summarise(results: list[LegResult], counts: list[int], target_ms: float) -> dict[str, Any]:
+def summarise(results: list[LegResult], counts: list[int], target_ms: float, workers: int) -> dict[str, Any]:
     """Per session count and leg: pooled latency percentiles and median figures; fusion/pass-through ratios;
-    the verdict against the target; the largest session count meeting it."""
+    the verdict against the target; the largest session count meeting it, in all and per worker."""
     by_sessions: dict[str, Any] = {}
     for count in counts:
         legs: dict[str, Any] = {}
@@ -840,7 +918,9 @@ def summarise(results: list[LegResult], counts: list[int], target_ms: float) -> 
     return {
         "by_sessions": by_sessions,
         "target_p99_ms": target_ms,
-        "sessions_per_worker": max(passing) if passing else None,
+        "workers": workers,
+        "sessions_meeting_target": max(passing) if passing else None,
+        "sessions_per_worker": max(passing) / workers if passing else None,
     }
 
 
@@ -883,8 +963,8 @@ def report(console: Any, results: list[LegResult], summary: dict[str, Any], sour
         )
     console.print(table)
     console.print(
-        "out: r = records re-produced (pass-through), w = windows emitted (fusion); core: worker CPU as a share of "
-        "one core; ms/out: worker CPU per record or window; lag: raw records not yet handled when the load "
+        "out: r = records re-produced (pass-through), w = windows emitted (fusion); core: the workers' CPU as a "
+        "share of one core; ms/out: worker CPU per record or window; lag: raw records not yet handled when the load "
         "ended; late ms: the load generator's worst lateness against its real-time schedule; broker s: broker CPU "
         "seconds; others s: CPU seconds of everything else on the machine (should be near 0)"
     )
@@ -903,7 +983,7 @@ def report(console: Any, results: list[LegResult], summary: dict[str, Any], sour
             f"p99 fusion/pass-through {fmt_ratio(ratios['latency_p99'])}"
         )
         console.print(
-            f"  worker CPU fusion vs pass-through: {fused['cpu_seconds']:.1f} vs {bare['cpu_seconds']:.1f} s "
+            f"  workers' CPU fusion vs pass-through: {fused['cpu_seconds']:.1f} vs {bare['cpu_seconds']:.1f} s "
             f"({fmt_ratio(ratios['cpu_seconds'])}); {fused['cpu_core_share']:.0%} vs {bare['cpu_core_share']:.0%} "
             f"of one core; {fused['cpu_ms_per_output']:.2f} ms per window, {bare['cpu_ms_per_output']:.3f} ms per "
             f"record; fusion's CPU beyond the pass-through's: "
@@ -919,11 +999,15 @@ def report(console: Any, results: list[LegResult], summary: dict[str, Any], sour
             f"[bold {style}]{verdict}[/bold {style}] (p99 {fused['latency_ms']['p99']:.2f} ms{behind})"
         )
     if len(summary["by_sessions"]) > 1:
-        best = summary["sessions_per_worker"]
+        best = summary["sessions_meeting_target"]
         tried = ", ".join(summary["by_sessions"])
         console.print(
-            f"sessions per worker at p99 <= {target:g} ms (of the counts tried: {tried}): "
-            + (f"[bold]{best}[/bold]" if best is not None else "[bold yellow]none[/bold yellow]")
+            f"sessions at p99 <= {target:g} ms with {summary['workers']} worker(s) (of the counts tried: {tried}): "
+            + (
+                f"[bold]{best}[/bold], {summary['sessions_per_worker']:g} per worker"
+                if best is not None
+                else "[bold yellow]none[/bold yellow]"
+            )
         )
     console.print("energy: " + ENERGY_NOTES[source].format(watts=DEFAULT_WATTS_PER_CORE))
 
@@ -938,6 +1022,7 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
         f"fusion benchmark: sessions of {eeg_channels} ch EEG 256 Hz + ECG 360 Hz + PPG 125 Hz in "
         f"{args.block_seconds:g} s chunks, sent in real time ({len(STREAMS) / args.block_seconds:g} records/s per "
         f"session), starts staggered over the first second; {args.seconds:g} s of signal per leg; "
+        f"{args.workers} worker process(es) per leg in one consumer group on {args.partitions} partitions; "
         f"sessions: {', '.join(map(str, counts))}; {len(plan)} legs, alternating pass-through and fusion, "
         f"each on fresh topics; the first {args.warmup_seconds:g} s of each leg are left out of the percentiles"
     )
@@ -963,7 +1048,7 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
             await asyncio.to_thread(broker.stop)
 
     source = results[0].energy_source if results else "estimate"
-    summary = summarise(results, counts, args.target_p99_ms)
+    summary = summarise(results, counts, args.target_p99_ms, args.workers)
     report(console, results, summary, source, args)
     from services.common.energy import DEFAULT_WATTS_PER_CORE
 
