@@ -77,6 +77,7 @@ def window_config(settings: FusionSettings) -> WindowConfig:
         window_seconds=settings.window_seconds,
         hop_seconds=settings.hop_seconds,
         filter_warmup_seconds=settings.filter_warmup_seconds,
+        filter_epoch_seconds=settings.filter_epoch_seconds,
         peak_latency_seconds=settings.peak_latency_seconds,
         clock_fit_seconds=settings.clock_fit_seconds,
         clock_reset_seconds=settings.clock_reset_seconds,

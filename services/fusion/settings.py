@@ -45,8 +45,11 @@ class FusionSettings(ServiceSettings):
     # Shift each session's window grid by a fraction of the hop derived from its id (spreads the work of sessions
     # that share one clock); off: windows start at whole multiples of the hop.
     stagger_windows: bool = True
-    # Each window's filters start this long before it (from rest), so its content depends on a bounded history.
+    # Filters run once per sample, restarting from rest at every multiple of filter_epoch_seconds on the session
+    # clock; a window uses the newest run that started at least filter_warmup_seconds (or its feature context)
+    # before it, so its content depends on a bounded history.
     filter_warmup_seconds: float = Field(default=4.0, ge=0)
+    filter_epoch_seconds: float = Field(default=8.0, gt=0)
     # R-peaks and pulse peaks are reported once this much signal after them has been seen.
     peak_latency_seconds: float = Field(default=0.3, ge=0)
     # Chunk timestamps of this last span (source clock) feed each stream's clock fit.
