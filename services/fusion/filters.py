@@ -128,13 +128,14 @@ def resample_to_grid(
     if count < 2:
         return out
     slope = (times_s[-1] - times_s[0]) / (count - 1)
-    ratio = Fraction(rate_hz * slope).limit_denominator(_MAX_RATIO_DENOMINATOR)
-    if antialias and 0 < ratio < 1 and count >= 8:
-        up, down = ratio.numerator, ratio.denominator
-        resampled = signal.resample_poly(samples, up, down, axis=1, window=_polyphase_fir(up, down), padtype="line")
-        step = slope * down / up
-    else:
-        resampled, step = samples, slope
+    resampled, step = samples, slope
+    if antialias and count >= 8 and rate_hz * slope < 1:  # going down in rate
+        ratio = Fraction(rate_hz * slope).limit_denominator(_MAX_RATIO_DENOMINATOR)
+        if 0 < ratio < 1:
+            up, down = ratio.numerator, ratio.denominator
+            fir = _polyphase_fir(up, down)
+            resampled = signal.resample_poly(samples, up, down, axis=1, window=fir, padtype="line")
+            step = slope * down / up
     # A sample stands for the sampling period after it: the last one covers the grid up to one period on.
     first = max(0, math.ceil((times_s[0] - grid_start_s) * rate_hz - 1e-9))
     stop = min(grid_count, math.ceil((times_s[-1] + slope - grid_start_s) * rate_hz - 1e-9))
@@ -144,9 +145,9 @@ def resample_to_grid(
     # Linear interpolation on the (uniform, dejittered) sample times, every channel in one step.
     position = (g - times_s[0]) / step
     last = resampled.shape[1] - 1
-    left = np.clip(position.astype(np.int64), 0, max(last - 1, 0))
+    left = np.minimum(np.maximum(position.astype(np.int64), 0), max(last - 1, 0))
     right = np.minimum(left + 1, last)
-    weight = np.clip(position - left, 0.0, 1.0)
+    weight = np.minimum(np.maximum(position - left, 0.0), 1.0)
     block = out[:, first:stop]
     np.multiply(resampled[:, left], 1.0 - weight, out=block)
     block += resampled[:, right] * weight
