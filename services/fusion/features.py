@@ -13,16 +13,26 @@ its PPG one raises IndexError on a signal without pulses, and importing it pulls
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 from scipy import ndimage, signal
 
 from clisonix.fusion.v1 import fusion_pb2
 from clisonix.signal.v1 import signal_pb2
-from services.fusion.filters import steady_state
+from services.fusion.filters import sosfilt_in_place, steady_state
+
+# The compiled kernel behind scipy.ndimage.uniform_filter1d. Its public wrapper checks, converts and copies its
+# arguments on every call, which costs several times the filtering itself on window-length signals. Same
+# kernel, same results (tests check it against the public function); the public function where a scipy release
+# lays it out differently. (The sosfilt kernel is used the same way, through filters.sosfilt_in_place.)
+try:
+    from scipy.ndimage._nd_image import uniform_filter1d as _uniform_filter1d_kernel
+except ImportError:  # pragma: no cover - depends on the scipy release
+    _uniform_filter1d_kernel = None
 
 # Seconds of signal before the window start that each modality's features need; modalities not listed need none.
 # ECG: the QRS threshold averages 0.75 s and a few beats give the RR median. PPG: the 0.5 Hz band-pass settles and
@@ -97,68 +107,88 @@ def stream_features(data: FeatureInput) -> fusion_pb2.StreamFeatures:
         samples = samples[None, :]
     if compute is None or samples.ndim != 2 or 0 in samples.shape or not data.rate_hz > 0:
         return fusion_pb2.StreamFeatures()
-    # inf is as useless as NaN to every feature below.
-    samples = np.where(np.isfinite(samples), samples, np.nan)
-    return compute(data, samples)
+    # Most windows are complete: checked once here, they skip every step that looks for or bridges gaps (and
+    # the samples are not copied: nothing below writes to them).
+    finite = np.isfinite(samples)
+    gaps = not finite.all()
+    if gaps:
+        # inf is as useless as NaN to every feature below.
+        samples = np.where(finite, samples, np.nan)
+    return compute(data, samples, gaps)
 
 
 # --- per modality ------------------------------------------------------------------------------------------
+# Each takes the samples (NaN where missing, none of them NaN when `gaps` is False) and fills its kind of the
+# message in place: building the nested message and copying it into the outer one costs more than filling it.
 
 
-def _eeg(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+def _eeg(data: FeatureInput, samples: np.ndarray, gaps: bool) -> fusion_pb2.StreamFeatures:
     window = samples[:, _window_index(data, samples.shape[1]) :]
-    eeg = fusion_pb2.EegFeatures()
+    features = fusion_pb2.StreamFeatures()
+    eeg = features.eeg
+    eeg.SetInParent()
     rate = data.rate_hz
     n = window.shape[1]
     # Below a quarter second (or 8 samples) no band is resolved.
     if n < max(8, round(0.25 * rate)):
-        return fusion_pb2.StreamFeatures(eeg=eeg)
-    usable = np.ones(window.shape[0], dtype=bool)
-    if np.isnan(window).any():
+        return features
+    channels: Sequence[int] = range(window.shape[0])
+    if gaps and np.isnan(window).any():
+        usable = np.ones(window.shape[0], dtype=bool)
         window = window.copy()
-        for channel in np.flatnonzero(np.isnan(window).any(axis=1)):
-            filled = _filled(window[channel], min_valid=MIN_VALID_FRACTION * n)
-            usable[channel] = filled is not None
-            window[channel] = filled[0] if filled is not None else 0.0
+        for gappy in np.flatnonzero(np.isnan(window).any(axis=1)):
+            filled = _filled(window[gappy], min_valid=MIN_VALID_FRACTION * n)
+            usable[gappy] = filled is not None
+            window[gappy] = filled[0] if filled is not None else 0.0
+        channels = np.flatnonzero(usable).tolist()
     # One-second Hann segments, half overlapping: 1 Hz resolution, three segments in a 2 s window.
-    nperseg = min(n, max(8, round(rate)))
-    freqs, psd = _welch(window, rate, nperseg)
-    df = freqs[1] - freqs[0]
-    bands = np.stack([(freqs >= low) & (freqs < high) for _, low, high in EEG_BANDS], axis=1).astype(np.float64)
-    powers = psd @ bands * df
-    names = _channel_names(data, window.shape[0])
-    for channel in np.flatnonzero(usable):
-        delta, theta, alpha, beta, gamma = (float(p) for p in powers[channel])
-        eeg.channels.add(channel=names[channel], delta=delta, theta=theta, alpha=alpha, beta=beta, gamma=gamma)
-    return fusion_pb2.StreamFeatures(eeg=eeg)
+    powers = _band_powers(window, rate, min(n, max(8, round(rate)))).tolist()
+    names = _channel_names(tuple(data.channel_names), window.shape[0])
+    add = eeg.channels.add
+    for channel in channels:
+        delta, theta, alpha, beta, gamma = powers[channel]
+        add(channel=names[channel], delta=delta, theta=theta, alpha=alpha, beta=beta, gamma=gamma)
+    return features
 
 
-def _ecg(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
-    ecg = fusion_pb2.EcgFeatures()
-    beats = _beat_times(data, samples, _qrs_peaks, _ECG_REFINE_S, absolute=True)
-    if beats is not None:
-        reported, intervals = beats
+def _ecg(data: FeatureInput, samples: np.ndarray, gaps: bool) -> fusion_pb2.StreamFeatures:
+    features = fusion_pb2.StreamFeatures()
+    ecg = features.ecg
+    ecg.SetInParent()
+    channel = _beat_channel(samples, gaps)
+    if channel is not None:
+        values, valid = channel
+        # QRS complexes are found, and R-peaks placed, on |x - median|: upright and inverted beats alike. The
+        # median is of the valid samples, which are all the samples (the same array) unless there are gaps.
+        deviation = np.abs(values - _median(values))
+        candidates = _qrs_peaks(values, data.rate_hz, deviation)
+        shape = deviation if valid is None else np.abs(values - _median(values[valid]))
+        reported, intervals = _beat_times(data, shape, candidates, valid, _ECG_REFINE_S)
         ecg.r_peak_times_s.extend(reported)
         ecg.rr_intervals_s.extend(intervals)
         if intervals:
-            ecg.heart_rate_bpm = 60.0 / float(np.median(intervals))
-    return fusion_pb2.StreamFeatures(ecg=ecg)
+            ecg.heart_rate_bpm = 60.0 / _median_of(intervals)
+    return features
 
 
-def _ppg(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
-    ppg = fusion_pb2.PpgFeatures()
-    beats = _beat_times(data, samples, _systolic_peaks, _PPG_REFINE_S, absolute=False)
-    if beats is not None:
-        reported, intervals = beats
+def _ppg(data: FeatureInput, samples: np.ndarray, gaps: bool) -> fusion_pb2.StreamFeatures:
+    features = fusion_pb2.StreamFeatures()
+    ppg = features.ppg
+    ppg.SetInParent()
+    channel = _beat_channel(samples, gaps)
+    if channel is not None:
+        values, valid = channel
+        candidates = _systolic_peaks(values, data.rate_hz)
+        reported, intervals = _beat_times(data, values, candidates, valid, _PPG_REFINE_S)
         ppg.pulse_peak_times_s.extend(reported)
         if intervals:
-            ppg.pulse_rate_bpm = 60.0 / float(np.median(intervals))
-    return fusion_pb2.StreamFeatures(ppg=ppg)
+            ppg.pulse_rate_bpm = 60.0 / _median_of(intervals)
+    return features
 
 
-def _respiration(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+def _respiration(data: FeatureInput, samples: np.ndarray, gaps: bool) -> fusion_pb2.StreamFeatures:
     respiration = fusion_pb2.RespirationFeatures()
-    x = samples[_best_channel(samples)]
+    x = samples[_best_channel(samples) if gaps else 0]
     filled = _filled(x, min_valid=MIN_VALID_FRACTION * x.size)
     if filled is not None:
         rate_bpm = _breaths_per_minute(filled[0], data.rate_hz)
@@ -167,9 +197,9 @@ def _respiration(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFe
     return fusion_pb2.StreamFeatures(respiration=respiration)
 
 
-def _eda(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+def _eda(data: FeatureInput, samples: np.ndarray, gaps: bool) -> fusion_pb2.StreamFeatures:
     eda = fusion_pb2.EdaFeatures()
-    x = samples[_best_channel(samples)]
+    x = samples[_best_channel(samples) if gaps else 0]
     start = _window_index(data, x.size)
     valid = ~np.isnan(x)
     filled = _filled(x, min_valid=2)
@@ -181,7 +211,7 @@ def _eda(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
     return fusion_pb2.StreamFeatures(eda=eda)
 
 
-def _audio(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+def _audio(data: FeatureInput, samples: np.ndarray, gaps: bool) -> fusion_pb2.StreamFeatures:
     window = samples[:, _window_index(data, samples.shape[1]) :]
     valid = ~np.isnan(window)
     if window.shape[1] < 2 or valid.sum() < max(2.0, MIN_VALID_FRACTION * window.size):
@@ -199,7 +229,7 @@ def _audio(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures
     return fusion_pb2.StreamFeatures(audio=fusion_pb2.AudioFeatures(rms=rms, spectral_centroid_hz=centroid))
 
 
-def _motion(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeatures:
+def _motion(data: FeatureInput, samples: np.ndarray, gaps: bool) -> fusion_pb2.StreamFeatures:
     window = samples[:, _window_index(data, samples.shape[1]) :]
     complete = ~np.isnan(window).any(axis=0)
     if complete.sum() < max(2.0, MIN_VALID_FRACTION * window.shape[1]):
@@ -209,7 +239,7 @@ def _motion(data: FeatureInput, samples: np.ndarray) -> fusion_pb2.StreamFeature
     return fusion_pb2.StreamFeatures(motion=fusion_pb2.MotionFeatures(magnitude_rms=magnitude_rms))
 
 
-_BY_MODALITY: dict[int, Callable[[FeatureInput, np.ndarray], fusion_pb2.StreamFeatures]] = {
+_BY_MODALITY: dict[int, Callable[[FeatureInput, np.ndarray, bool], fusion_pb2.StreamFeatures]] = {
     signal_pb2.MODALITY_EEG: _eeg,
     signal_pb2.MODALITY_ECG: _ecg,
     signal_pb2.MODALITY_PPG: _ppg,
@@ -221,68 +251,82 @@ _BY_MODALITY: dict[int, Callable[[FeatureInput, np.ndarray], fusion_pb2.StreamFe
 
 
 # --- beats -------------------------------------------------------------------------------------------------
+# A window holds a handful of beats: past detection, plain Python on lists costs less than numpy's per-call
+# overhead on arrays of a few elements, and gives the same floating-point results operation for operation.
 
 
-def _beat_times(
-    data: FeatureInput,
-    samples: np.ndarray,
-    detect: Callable[[np.ndarray, float], np.ndarray],
-    refine_s: float,
-    *,
-    absolute: bool,
-) -> tuple[list[float], list[float]] | None:
-    """Beats of the best channel: the times to report and the intervals between beats found before report_to_s.
-
-    `detect` gives candidate sample indices on the gap-filled signal; each is moved to the extremum within
-    refine_s (of |x - median| when `absolute`, else of x) with sub-sample parabolic interpolation. None when the
-    channel has fewer than two valid samples.
+def _beat_channel(samples: np.ndarray, gaps: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The best channel with its gaps bridged, and its validity mask (None when it has no gaps); None when it
+    has fewer than two valid samples.
     """
-    x = samples[_best_channel(samples)]
-    filled = _filled(x, min_valid=2)
+    if not gaps:
+        # Every channel is complete: the first one is the best.
+        return (samples[0], None) if samples.shape[1] >= 2 else None
+    filled = _filled(samples[_best_channel(samples)], min_valid=2)
     if filled is None:
         return None
     values, valid = filled
-    rate = data.rate_hz
-    candidates = detect(values, rate)
+    return values, None if valid.all() else valid
+
+
+def _beat_times(
+    data: FeatureInput, shape: np.ndarray, candidates: np.ndarray, valid: np.ndarray | None, refine_s: float
+) -> tuple[list[float], list[float]]:
+    """The times of the beats to report, and the intervals between beats found before report_to_s.
+
+    Each candidate sample index is moved to the maximum of `shape` (|x - median| for R-peaks, x for pulses)
+    within refine_s, with sub-sample parabolic interpolation. `valid` (None: no gaps) marks the valid samples.
+    """
     if candidates.size == 0:
         return [], []
-    shape = np.abs(values - np.median(values[valid])) if absolute else values
+    rate = data.rate_hz
     positions = _refined(shape, candidates, max(1, round(refine_s * rate)))
+    if valid is None:
+        times = [data.start_s + p / rate for p in positions]
+        times = [t for t in times if t < data.report_to_s]
+        intervals = [later - earlier for earlier, later in pairwise(times)]
+        return [t for t in times if t >= data.report_from_s], intervals
     # Drop beats at or near missing samples, and remember which intervals cross a gap.
+    located = np.asarray(positions)
     missing_before = np.concatenate(([0], np.cumsum(~valid)))
     guard = max(1, round(_GAP_GUARD_S * rate))
-    nearest = np.clip(np.rint(positions).astype(np.int64), 0, values.size - 1)
-    low = np.clip(nearest - guard, 0, values.size)
-    high = np.clip(nearest + guard + 1, 0, values.size)
+    nearest = np.clip(np.rint(located).astype(np.int64), 0, shape.size - 1)
+    low = np.clip(nearest - guard, 0, shape.size)
+    high = np.clip(nearest + guard + 1, 0, shape.size)
     clean = missing_before[high] == missing_before[low]
-    positions, nearest = positions[clean], nearest[clean]
-    times = data.start_s + positions / rate
-    before_end = times < data.report_to_s
-    times, nearest = times[before_end], nearest[before_end]
-    reported = times[times >= data.report_from_s]
+    located, nearest = located[clean], nearest[clean]
+    gap_times = data.start_s + located / rate
+    before_end = gap_times < data.report_to_s
+    gap_times, nearest = gap_times[before_end], nearest[before_end]
+    reported = gap_times[gap_times >= data.report_from_s]
     no_gap_between = missing_before[nearest[1:]] == missing_before[nearest[:-1]]
-    intervals = np.diff(times)[no_gap_between]
-    return [float(t) for t in reported], [float(i) for i in intervals]
+    return reported.tolist(), np.diff(gap_times)[no_gap_between].tolist()
 
 
-def _qrs_peaks(x: np.ndarray, rate: float) -> np.ndarray:
+def _qrs_peaks(x: np.ndarray, rate: float, deviation: np.ndarray) -> np.ndarray:
     """Sample indices of R-peaks: neurokit2's gradient method (Makowski et al. 2021), both QRS polarities.
 
     QRS complexes are where the 0.1 s smoothed absolute gradient exceeds 1.5 times its 0.75 s average; runs
-    shorter than 0.4 times their mean length are dropped; the R-peak is the largest |x - median| in the run.
+    shorter than 0.4 times their mean length are dropped; the R-peak is the largest `deviation` (|x - median|)
+    in the run.
     """
     if x.size < 3:
         return np.empty(0, dtype=np.int64)
-    slope = ndimage.uniform_filter1d(np.abs(np.gradient(x)), _samples(0.1, rate), mode="nearest")
-    average = ndimage.uniform_filter1d(slope, _samples(0.75, rate), mode="nearest")
+    # |np.gradient(x)|, the same operations without its generality: central differences, one-sided at the ends.
+    gradient = np.empty_like(x)
+    np.subtract(x[2:], x[:-2], out=gradient[1:-1])
+    gradient[1:-1] /= 2.0
+    gradient[0] = x[1] - x[0]
+    gradient[-1] = x[-1] - x[-2]
+    slope = _moving_average(np.abs(gradient, out=gradient), _samples(0.1, rate))
+    average = _moving_average(slope, _samples(0.75, rate))
     begins, ends = _runs(slope > 1.5 * average)
     if begins.size == 0:
         return np.empty(0, dtype=np.int64)
     lengths = ends - begins
     keep = lengths >= 0.4 * lengths.mean()
-    deviation = np.abs(x - np.median(x))
-    peaks = [b + int(np.argmax(deviation[b:e])) for b, e in zip(begins[keep], ends[keep], strict=True)]
-    return _spaced(np.asarray(peaks, dtype=np.int64), _samples(_MIN_BEAT_INTERVAL_S, rate))
+    peaks = [b + int(deviation[b:e].argmax()) for b, e in zip(begins[keep].tolist(), ends[keep].tolist(), strict=True)]
+    return _spaced(peaks, _samples(_MIN_BEAT_INTERVAL_S, rate))
 
 
 def _systolic_peaks(x: np.ndarray, rate: float) -> np.ndarray:
@@ -295,54 +339,58 @@ def _systolic_peaks(x: np.ndarray, rate: float) -> np.ndarray:
     sos = _bandpass_sos(rate, 0.5, 8.0)
     if sos is None or x.size < _samples(1.0, rate):
         return np.empty(0, dtype=np.int64)
-    cleaned = _zero_phase(x - np.mean(x), sos, rate)
-    squared = np.square(np.clip(cleaned, 0.0, None))
-    peak_average = ndimage.uniform_filter1d(squared, _samples(0.111, rate), mode="nearest")
-    beat_average = ndimage.uniform_filter1d(squared, _samples(0.667, rate), mode="nearest")
+    cleaned = _zero_phase(x - x.mean(), sos, rate)
+    # The positive part (maximum rather than clip: the same numbers, less overhead; the sign of a zero, which
+    # the two may treat differently, is lost in the square).
+    squared = np.square(np.maximum(cleaned, 0.0))
+    peak_average = _moving_average(squared, _samples(0.111, rate))
+    beat_average = _moving_average(squared, _samples(0.667, rate))
     begins, ends = _runs(peak_average > beat_average + 0.02 * squared.mean())
     keep = ends - begins >= _samples(0.111, rate)
-    peaks = [b + int(np.argmax(cleaned[b:e])) for b, e in zip(begins[keep], ends[keep], strict=True)]
-    return _spaced(np.asarray(peaks, dtype=np.int64), _samples(0.3, rate))
+    peaks = [b + int(cleaned[b:e].argmax()) for b, e in zip(begins[keep].tolist(), ends[keep].tolist(), strict=True)]
+    return _spaced(peaks, _samples(0.3, rate))
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[begin, end) of the runs of True that start and end inside the mask (not those cut by its edges)."""
-    edges = np.diff(mask.astype(np.int8))
-    begins = np.flatnonzero(edges == 1) + 1
-    ends = np.flatnonzero(edges == -1) + 1
-    if begins.size == 0:
-        return begins, begins
-    ends = ends[ends > begins[0]]
-    begins = begins[: ends.size]
-    return begins, ends
+    # Changes alternate between begins and ends; a run cut by the start ends at the first change.
+    changes = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    if mask.size and mask[0]:
+        changes = changes[1:]
+    ends = changes[1::2]
+    return changes[: 2 * ends.size : 2], ends
 
 
-def _spaced(peaks: np.ndarray, min_distance: int) -> np.ndarray:
+def _spaced(peaks: list[int], min_distance: int) -> np.ndarray:
     """The peaks, in order, each kept only if it is more than min_distance after the last kept one."""
     kept: list[int] = []
     for peak in peaks:
         if not kept or peak - kept[-1] > min_distance:
-            kept.append(int(peak))
+            kept.append(peak)
     return np.asarray(kept, dtype=np.int64)
 
 
-def _refined(shape: np.ndarray, candidates: np.ndarray, radius: int) -> np.ndarray:
+def _refined(shape: np.ndarray, candidates: np.ndarray, radius: int) -> list[float]:
     """Fractional indices of the maxima of `shape` within `radius` of each candidate, unique and in order.
 
     The vertex of the parabola through the maximum and its neighbours places a peak between samples.
     """
-    n = shape.size
-    offsets = np.arange(-radius, radius + 1)
-    around = np.clip(candidates[:, None] + offsets[None, :], 0, n - 1)
-    peaks = np.unique(around[np.arange(candidates.size), np.argmax(shape[around], axis=1)])
-    inner = peaks[(peaks > 0) & (peaks < n - 1)]
-    left, centre, right = shape[inner - 1], shape[inner], shape[inner + 1]
-    curvature = left - 2.0 * centre + right
-    shift = np.zeros(inner.size)
-    curved = curvature < 0
-    shift[curved] = 0.5 * (left[curved] - right[curved]) / curvature[curved]
-    positions = peaks.astype(np.float64)
-    positions[(peaks > 0) & (peaks < n - 1)] += np.clip(shift, -0.5, 0.5)
+    last = shape.size - 1
+    # The first maximum in each candidate's neighbourhood, cut at the edges.
+    maxima = set()
+    for candidate in candidates.tolist():
+        low = max(candidate - radius, 0)
+        maxima.add(low + int(shape[low : min(candidate + radius, last) + 1].argmax()))
+    positions: list[float] = []
+    for peak in sorted(maxima):
+        position = float(peak)
+        if 0 < peak < last:
+            left, centre, right = shape.item(peak - 1), shape.item(peak), shape.item(peak + 1)
+            curvature = left - 2.0 * centre + right
+            if curvature < 0:
+                # min/max order as np.clip's: a NaN shift stays NaN.
+                position += min(max(0.5 * (left - right) / curvature, -0.5), 0.5)
+        positions.append(position)
     return positions
 
 
@@ -373,7 +421,7 @@ def _breaths_per_minute(x: np.ndarray, rate: float) -> float | None:
 
 def _window_index(data: FeatureInput, n: int) -> int:
     """Index of the first sample of the window proper (after the context)."""
-    return int(np.clip(round((data.window_start_s - data.start_s) * data.rate_hz), 0, n))
+    return min(max(round((data.window_start_s - data.start_s) * data.rate_hz), 0), n)
 
 
 def _best_channel(samples: np.ndarray) -> int:
@@ -381,9 +429,10 @@ def _best_channel(samples: np.ndarray) -> int:
     return int(np.argmax((~np.isnan(samples)).sum(axis=1)))
 
 
-def _channel_names(data: FeatureInput, count: int) -> list[str]:
+@lru_cache(maxsize=64)
+def _channel_names(names: tuple[str, ...], count: int) -> tuple[str, ...]:
     """The given channel names, padded with their indices when fewer names than channels were given."""
-    return [data.channel_names[i] if i < len(data.channel_names) else str(i) for i in range(count)]
+    return tuple(names[i] if i < len(names) else str(i) for i in range(count))
 
 
 def _filled(x: np.ndarray, *, min_valid: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -405,11 +454,90 @@ def _samples(seconds: float, rate: float) -> int:
     return max(1, round(seconds * rate))
 
 
+def _median(x: np.ndarray) -> float:
+    """np.median of a 1-D array without NaN (the mean of the middle pair when even), without its generality."""
+    half = x.size // 2
+    if x.size % 2:
+        return float(np.partition(x, half)[half])
+    middle = np.partition(x, (half - 1, half))
+    return float((middle[half - 1] + middle[half]) / 2)
+
+
+def _median_of(values: list[float]) -> float:
+    """np.median of a short list of numbers (not NaN), which sorting gives sooner."""
+    ordered = sorted(values)
+    half = len(ordered) // 2
+    return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+
+
+def _moving_average(x: np.ndarray, size: int) -> np.ndarray:
+    """ndimage.uniform_filter1d(x, size, mode="nearest") of a 1-D float64 array."""
+    if _uniform_filter1d_kernel is None:  # pragma: no cover - depends on the scipy release
+        return np.asarray(ndimage.uniform_filter1d(x, size, mode="nearest"))
+    out = np.empty_like(x)
+    _uniform_filter1d_kernel(x, size, 0, out, 0, 0.0, 0)  # axis 0, mode 0 ("nearest"), cval 0, origin 0
+    return out
+
+
+def _band_powers(x: np.ndarray, rate: float, nperseg: int) -> np.ndarray:
+    """Power of each row in each of EEG_BANDS, (rows, bands): the sum of its Welch PSD (as _welch) over the
+    band's bins, times the bin width.
+
+    The same computation as _welch's, rearranged to pass over the segments fewer times; it agrees with _welch
+    and scipy.signal.welch to rounding (1e-15 relative; an offset 10^4 times the signal costs all three a few
+    digits, 1e-12). Each segment's mean is taken out of its spectrum, where it only reaches the lowest bins
+    (FFT((x - m) w) = FFT(x w) - m FFT(w)), rather than out of every sample; and only the bins up to the top
+    band are squared, then averaged over segments and summed per band in one matrix product.
+    """
+    step = nperseg - nperseg // 2
+    count = 1 + (x.shape[1] - nperseg) // step
+    taper, taper_spectrum, weights = _band_weights(nperseg, rate, count)
+    channels, bins = x.shape[0], weights.shape[0] // count
+    # Removing each channel's own mean first keeps offsets out of the rounding, and a flat channel exactly 0.
+    centred = np.subtract(x, np.add.reduce(x, axis=1, keepdims=True) / x.shape[1], order="C")
+    # The segments as a view of the (new, contiguous) centred array: no copy gathered by fancy indexing, which
+    # costs as much as their FFT.
+    item = centred.itemsize
+    strides = (centred.strides[0], step * item, item)
+    segments = np.ndarray((channels, count, nperseg), np.float64, buffer=centred, strides=strides)
+    means = np.add.reduce(segments, axis=-1, keepdims=True)
+    means /= nperseg
+    spectrum = np.fft.rfft(segments * taper, axis=-1)[..., :bins]
+    # The taper's spectrum is 0 beyond bin 1: the means only reach bins 0 and 1.
+    spectrum[..., :2] -= means * taper_spectrum
+    power = np.square(spectrum.real)
+    power += np.square(spectrum.imag)
+    return power.reshape(channels, count * bins) @ weights
+
+
+@lru_cache(maxsize=16)
+def _band_weights(nperseg: int, rate: float, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For _band_powers: the taper, its spectrum's bins 0 and 1 (if in range), and the (count * bins, bands)
+    matrix that turns the segments' squared spectra into band powers (density scale, one-sided doubling, mean
+    over segments, bin width and the bins of each band in one).
+    """
+    taper = _periodic_hann(nperseg)
+    freqs = np.fft.rfftfreq(nperseg, 1.0 / rate)
+    members = np.stack([(freqs >= low) & (freqs < high) for _, low, high in EEG_BANDS], axis=1)
+    used = np.flatnonzero(members.any(axis=1))
+    bins = int(used[-1]) + 1 if used.size else 0
+    one_sided = np.full(freqs.size, 2.0)
+    one_sided[0] = 1.0  # DC, and Nyquist when the segment length is even, count once
+    if nperseg % 2 == 0:
+        one_sided[-1] = 1.0
+    per_bin = one_sided[:bins] * (freqs[1] - freqs[0]) / (rate * float(taper @ taper) * count)
+    weights = np.tile(members[:bins] * per_bin[:, None], (count, 1))
+    taper_spectrum = np.fft.rfft(taper)[: min(bins, 2)]
+    weights.flags.writeable = False
+    taper_spectrum.flags.writeable = False
+    return taper, taper_spectrum, weights
+
+
 def _welch(x: np.ndarray, rate: float, nperseg: int) -> tuple[np.ndarray, np.ndarray]:
     """Welch PSD of each row: Hann segments of nperseg, half overlapping, mean removed, one-sided density.
 
-    The same result as scipy.signal.welch with those options, in a few vectorised steps (its general
-    machinery costs more than the arithmetic on 2 s of EEG).
+    The same result as scipy.signal.welch with those options, in a few vectorised steps; the reference that
+    _band_powers computes band sums of.
     """
     step = nperseg - nperseg // 2
     count = 1 + (x.shape[-1] - nperseg) // step
@@ -439,10 +567,16 @@ def _zero_phase(x: np.ndarray, sos: np.ndarray, rate: float) -> np.ndarray:
         return x.copy()
     pad = min(x.size - 1, _samples(1.0, rate))
     zi = steady_state(sos)
-    padded = np.concatenate((2 * x[0] - x[pad:0:-1], x, 2 * x[-1] - x[-2 : -pad - 2 : -1]))
-    forward, _ = signal.sosfilt(sos, padded, zi=zi * padded[0])
-    backward, _ = signal.sosfilt(sos, forward[::-1], zi=zi * forward[-1])
-    return np.asarray(backward[::-1][pad : pad + x.size])
+    filtered = np.concatenate((2 * x[0] - x[pad:0:-1], x, 2 * x[-1] - x[-2 : -pad - 2 : -1]))
+    _sosfilt_in_place(sos, filtered, zi * filtered[0])
+    filtered = filtered[::-1].copy()
+    _sosfilt_in_place(sos, filtered, zi * filtered[0])
+    return filtered[::-1][pad : pad + x.size]
+
+
+def _sosfilt_in_place(sos: np.ndarray, x: np.ndarray, zi: np.ndarray) -> None:
+    """Filters the contiguous 1-D float64 x in place from the state zi, as signal.sosfilt(sos, x, zi=zi)."""
+    sosfilt_in_place(sos, x[None, :], zi[None])  # zi is ours to overwrite
 
 
 @lru_cache(maxsize=16)

@@ -1,7 +1,7 @@
 """Causal filters and resampling of one stream's samples onto a window's grid (scipy.signal).
 
-Pure: numpy and scipy only. Filters start from rest at the first sample they are given (the window's warm-up
-start, scaled to the first value to avoid a step), so a window's content depends only on its bounded history.
+Pure: numpy and scipy only. Filters start from rest at the first sample they are given (scaled to its value to
+avoid a step); buffers.py decides where, so that a window's content depends only on a bounded history.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from functools import cached_property, lru_cache
 import numpy as np
 from scipy import signal
 
-try:  # the compiled loop behind signal.sosfilt, without its per-call checks (most of its cost on a chunk)
+# The compiled loop behind signal.sosfilt. Its public wrapper checks, converts and copies its arguments on every
+# call, several times the cost of filtering a chunk or a window-length signal. Same kernel, same numbers (tests
+# check it against the public function); the public function where a scipy release lays it out differently.
+try:
     from scipy.signal._sosfilt import _sosfilt as _sosfilt_kernel
-except ImportError:  # pragma: no cover - another scipy layout: fall back on the public function
+except ImportError:  # pragma: no cover - depends on the scipy release
     _sosfilt_kernel = None
 
 # resample_poly's up/down factors stay small; the exact remainder of the rate ratio is taken up by
@@ -73,17 +76,23 @@ def _steady_state(sos_bytes: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return zi
 
 
+def sosfilt_in_place(sos: np.ndarray, rows: np.ndarray, state: np.ndarray) -> None:
+    """Filters each row of the C-contiguous float64 (rows, n) array in place by the cascade `sos` (C-contiguous
+    float64), continuing from `state` (rows, sections, 2), which it updates: signal.sosfilt along axis 1 with
+    zi = state moved to (sections, rows, 2)."""
+    if _sosfilt_kernel is None:  # pragma: no cover - depends on the scipy release
+        filtered, final = signal.sosfilt(sos, rows, axis=1, zi=np.moveaxis(state, 0, 1))
+        rows[...] = filtered
+        state[...] = np.moveaxis(final, 1, 0)
+        return
+    _sosfilt_kernel(sos, rows, state)
+
+
 def sosfilt_rows(sos: np.ndarray, samples: np.ndarray, state: np.ndarray) -> np.ndarray:
-    """Filters each row of (rows, n) `samples` by the cascade `sos`, continuing from `state` (rows, sections, 2),
-    which it updates in place; returns the output. The same numbers as signal.sosfilt along axis 1 with
-    zi = state moved to (sections, rows, 2), at a fraction of its per-call cost on short chunks."""
+    """sosfilt_in_place on a copy of (rows, n) `samples`: returns the output; `state` is updated."""
     out = np.array(samples, dtype=np.float64, order="C")
-    if _sosfilt_kernel is not None:
-        _sosfilt_kernel(sos, out, state)
-        return out
-    filtered, final = signal.sosfilt(sos, out, axis=1, zi=np.moveaxis(state, 0, 1))
-    state[...] = np.moveaxis(final, 1, 0)
-    return np.asarray(filtered)
+    sosfilt_in_place(sos, out, state)
+    return out
 
 
 def apply_causal(plan: FilterPlan, samples: np.ndarray) -> np.ndarray:

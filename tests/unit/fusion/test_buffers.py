@@ -76,3 +76,18 @@ def test_unfiltered_segments_keep_raw_samples_only():
     segment.append(10, np.arange(5.0)[None, :], _line())
     assert segment.runs == [] and segment.start == 10 and segment.end == 15
     np.testing.assert_array_equal(segment.raw.view(12, 15)[0], [2.0, 3.0, 4.0])
+
+
+def test_sosfilt_rows_is_the_same_without_the_compiled_kernel(monkeypatch):
+    from services.fusion import filters
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 300))
+    sos = PLAN.cascade
+    state = rng.standard_normal((2, sos.shape[0], 2))
+    kernel_state = state.copy()
+    kernel = sosfilt_rows(sos, x, kernel_state)
+    monkeypatch.setattr(filters, "_sosfilt_kernel", None)
+    public_state = state.copy()
+    np.testing.assert_array_equal(sosfilt_rows(sos, x, public_state), kernel)
+    np.testing.assert_array_equal(public_state, kernel_state)

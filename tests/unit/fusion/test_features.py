@@ -438,3 +438,96 @@ def test_welch_equals_scipy(channels: int, size: int, nperseg: int) -> None:
     expected_freqs, expected = signal.welch(x, fs=256.0, nperseg=nperseg, noverlap=nperseg // 2, axis=-1)
     np.testing.assert_allclose(freqs, expected_freqs)
     np.testing.assert_allclose(psd, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "rate"), [(32, 512, 256.0), (3, 500, 250.0), (2, 257, 256.0), (1, 128, 64.0)]
+)
+def test_band_powers_equal_the_band_sums_of_scipy_welch(channels: int, size: int, rate: float) -> None:
+    from scipy import signal
+
+    from services.fusion.features import EEG_BANDS, _band_powers
+
+    rng = np.random.default_rng(size)
+    nperseg = min(size, round(rate))
+    # Noise on a drift and a large offset, which the segment means must take out.
+    x = rng.normal(0, 10, (channels, size)) + np.cumsum(rng.normal(0, 1, (channels, size)), axis=1) + 1e3
+    freqs, psd = signal.welch(x, fs=rate, nperseg=nperseg, noverlap=nperseg // 2, axis=-1)
+    bands = np.stack([(freqs >= low) & (freqs < high) for _, low, high in EEG_BANDS], axis=1)
+    expected = psd @ bands * (freqs[1] - freqs[0])
+    np.testing.assert_allclose(_band_powers(x, rate, nperseg), expected, rtol=1e-9)
+
+
+def test_band_powers_of_flat_channels_are_zero() -> None:
+    from services.fusion.features import _band_powers
+
+    # Exactly 0 where the mean of the constant is exact (as scipy's), rounding noise otherwise.
+    exact = np.array([[0.0] * 512, [1.5] * 512, [187500.0] * 512, [-2.25] * 512])
+    assert np.all(_band_powers(exact, 256.0, 256) == 0.0)
+    inexact = np.array([[3.7] * 512, [-0.1] * 512, [12345.678] * 512])
+    assert np.all(_band_powers(inexact, 256.0, 256) < 1e-20 * inexact[:, :1] ** 2)
+
+
+def test_stream_features_leaves_its_input_alone() -> None:
+    rng = np.random.default_rng(8)
+    for modality, context in ((signal_pb2.MODALITY_EEG, 0.0), (signal_pb2.MODALITY_ECG, 4.0)):
+        samples = rng.normal(0, 1, (2, 1536))
+        samples.flags.writeable = False
+        features = stream_features(one(modality, samples, 256.0, context))
+        assert (
+            features.SerializeToString()
+            == stream_features(one(modality, samples.copy(), 256.0, context)).SerializeToString()
+        )
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 26, 192])
+def test_moving_average_equals_ndimage_uniform_filter1d(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scipy import ndimage
+
+    from services.fusion import features
+
+    x = np.random.default_rng(size).standard_normal(1536)
+    expected = ndimage.uniform_filter1d(x, size, mode="nearest")
+    assert np.array_equal(features._moving_average(x, size), expected)
+    monkeypatch.setattr(features, "_uniform_filter1d_kernel", None)  # scipy without the compiled kernel's layout
+    assert np.array_equal(features._moving_average(x, size), expected)
+
+
+def test_zero_phase_is_the_same_without_the_compiled_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services import fusion
+    from services.fusion.features import _bandpass_sos, _zero_phase
+
+    sos = _bandpass_sos(128.0, 0.5, 8.0)
+    assert sos is not None
+    x = np.random.default_rng(9).standard_normal(1024)
+    kernel = _zero_phase(x, sos, 128.0)
+    monkeypatch.setattr(fusion.filters, "_sosfilt_kernel", None)  # scipy without the compiled kernel's layout
+    assert np.array_equal(_zero_phase(x, sos, 128.0), kernel)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 1535, 1536])
+def test_medians_equal_numpy(size: int) -> None:
+    from services.fusion.features import _median, _median_of
+
+    x = np.random.default_rng(size).standard_normal(size)
+    assert _median(x) == np.median(x)
+    assert _median_of(x.tolist()) == np.median(x)
+
+
+def test_runs_are_the_runs_inside_the_mask() -> None:
+    from services.fusion.features import _runs
+
+    rng = np.random.default_rng(10)
+    for size in [0, 1, 2, 3, 10, 100]:
+        for _ in range(50):
+            mask = rng.random(size) < rng.random()
+            begins, ends = _runs(mask)
+            padded = np.concatenate(([False], mask, [False])).astype(np.int8)
+            expected = [
+                (b, e)
+                for b, e in zip(
+                    np.flatnonzero(np.diff(padded) == 1), np.flatnonzero(np.diff(padded) == -1), strict=True
+                )
+                if b > 0 and e < size
+            ]
+            assert list(zip(begins.tolist(), ends.tolist(), strict=True)) == expected
