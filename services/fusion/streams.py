@@ -40,7 +40,7 @@ class PlacedChunk:
     continuity: Continuity
     index: int
     line: ClockLine
-    at_digital_limit: np.ndarray  # (channels,) bool: an int16 sample at the end of the int16 range
+    at_digital_limit: bool  # an int16 sample at an end of the int16 range
     source_time_s: float
     count: int
     start_s: float  # session time of the first sample, and just after the last one, by the line at placement
@@ -175,11 +175,10 @@ class StreamState:
             self.events["gap"] += 1
         elif placement.continuity is Continuity.RESET:
             self.events["reset"] += 1
+        at_limit = False
         if chunk.sample_format == signal_pb2.SAMPLE_FORMAT_INT16:
             raw_values = unpack_samples(chunk)
-            at_limit = ((raw_values == _INT16_EXTREMES[0]) | (raw_values == _INT16_EXTREMES[1])).any(axis=1)
-        else:
-            at_limit = np.zeros(len(chunk.channel_names), dtype=bool)
+            at_limit = bool(((raw_values == _INT16_EXTREMES[0]) | (raw_values == _INT16_EXTREMES[1])).any())
         placed = PlacedChunk(
             sequence=int(chunk.sequence),
             partition=raw.partition,

@@ -357,9 +357,10 @@ class SessionWindows:
         lost_inside = any(c.continuity is Continuity.GAP and start < c.start_s <= end for c in chunks)
         block.quality.missing = block.coverage == 0.0
         block.quality.gap = (0.0 < block.coverage < 1.0) or lost_inside
-        block.quality.flat = _flat(raw_window)
-        block.quality.clipped = _clipped(raw_window) or any(
-            c.at_digital_limit.any() for c in chunks if c.end_s > start and c.start_s < end
+        flat, clipped = _flat_and_clipped(raw_window)
+        block.quality.flat = flat
+        block.quality.clipped = clipped or any(
+            c.at_digital_limit for c in chunks if c.end_s > start and c.start_s < end
         )
         segment_start = chunks[0].start_s if chunks[0].continuity is Continuity.RESET else -math.inf
         block.quality.reset = grid_start <= segment_start < end
@@ -367,12 +368,14 @@ class SessionWindows:
         first_chunk = chunks[0]
         block.clock_offset_s = line.at(first_chunk.index) - first_chunk.source_time_s
         block.jitter_s = line.jitter_s
-        block.chunks.first_sequence = min(c.sequence for c in chunks)
-        block.chunks.last_sequence = max(c.sequence for c in chunks)
+        sequences = [c.sequence for c in chunks]
+        offsets = [c.offset for c in chunks]
+        block.chunks.first_sequence = min(sequences)
+        block.chunks.last_sequence = max(sequences)
         block.chunks.chunk_count = len(chunks)
         block.chunks.partition = first_chunk.partition
-        block.chunks.first_offset = min(c.offset for c in chunks)
-        block.chunks.last_offset = max(c.offset for c in chunks)
+        block.chunks.first_offset = min(offsets)
+        block.chunks.last_offset = max(offsets)
 
         report_to = end - config.peak_latency_seconds
         report_from = report_to - config.hop_seconds
@@ -425,23 +428,27 @@ def _segment_chunks(stream: StreamState, grid_start: float, start: float, end: f
     return chunks
 
 
-def _flat(samples: np.ndarray) -> bool:
-    """A channel that does not change at all over the window."""
+def _flat_and_clipped(samples: np.ndarray) -> tuple[bool, bool]:
+    """Whether a channel does not change at all over the window (flat), and whether a channel that does change
+    sits at its window maximum or minimum for several consecutive samples (clipped: a flat top)."""
     if samples.shape[1] < 2:
-        return False
-    return bool((np.ptp(samples, axis=1) == 0).any())
-
-
-def _clipped(samples: np.ndarray) -> bool:
-    """A channel that sits at its window maximum or minimum for several consecutive samples (a flat top)."""
+        return False, False
+    high = samples.max(axis=1, keepdims=True)
+    low = samples.min(axis=1, keepdims=True)
+    varies = (high > low)[:, 0]
+    flat = not varies.all()
     if samples.shape[1] < _CLIP_RUN:
-        return False
-    varies = np.ptp(samples, axis=1) > 0
-    for extreme in (samples.max(axis=1, keepdims=True), samples.min(axis=1, keepdims=True)):
+        return flat, False
+    for extreme in (high, low):
         at = samples == extreme
+        # A run needs that many samples at the extreme; most windows have one, so count before looking for runs.
+        candidates = varies & (np.count_nonzero(at, axis=1) >= _CLIP_RUN)
+        if not candidates.any():
+            continue
+        at = at[candidates]
         run = at[:, : 1 - _CLIP_RUN].copy()
         for k in range(1, _CLIP_RUN):
             run &= at[:, k : at.shape[1] - _CLIP_RUN + 1 + k]
-        if (run.any(axis=1) & varies).any():
-            return True
-    return False
+        if run.any():
+            return flat, True
+    return flat, False
