@@ -112,14 +112,15 @@ class SegmentSignal:
         """Adds a chunk's samples, its first at sample `index` (at or after the end: indices only go up within a
         segment); `line` is the chunk's own clock line, which decides where filter runs restart."""
         first = self.end
+        if self.raw.end == self.raw.start:  # nothing held: the samples start with this chunk
+            self.raw.start = self.valid.start = first = index
         hole = index - first
-        if hole > 0 and self.raw.end > self.raw.start:
+        assert hole >= 0, "sample indices only go up within a clock segment"
+        if hole > 0:
             held = np.repeat(self.raw.last(), hole, axis=1)
             values = np.concatenate([held, samples], axis=1)
             valid = np.concatenate([np.zeros(hole, dtype=bool), np.ones(samples.shape[1], dtype=bool)])
         else:
-            if hole > 0:  # nothing held yet: the segment starts at this chunk
-                self.raw.start = self.valid.start = first = index
             values = samples
             valid = np.ones(samples.shape[1], dtype=bool)
         self.raw.append(values)
