@@ -4,9 +4,9 @@ Pure: numpy, scipy and protobuf only (no Kafka, no gRPC), so it is tested and be
 
 A window [k * hop, k * hop + length) on the session clock is emitted once every live stream has covered its end,
 or once the furthest stream is `lateness` past it (a stream that stayed behind is then silent: marked missing or
-gapped). Its content depends only on the raw chunks within a bounded span before its end (filter warm-up,
-feature context, clock-fit horizon), never on wall-clock time, so re-computing it from the log gives the same id
-and the same bytes.
+gapped). Its content depends only on the raw chunks within a bounded span before its end (the filter run's
+epoch and warm-up, feature context, clock-fit horizon), never on wall-clock time, so re-computing it from the log
+gives the same id and the same bytes.
 """
 
 from __future__ import annotations
