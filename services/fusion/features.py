@@ -480,14 +480,14 @@ def _moving_average(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def _band_powers(x: np.ndarray, rate: float, nperseg: int) -> np.ndarray:
-    """Power of each row in each of EEG_BANDS, (rows, bands): the sum of its Welch PSD (as _welch) over the
-    band's bins, times the bin width.
+    """Power of each row in each of EEG_BANDS, (rows, bands): the sum of its Welch PSD (Hann segments of nperseg,
+    half overlapping, mean removed, one-sided density) over the band's bins, times the bin width.
 
-    The same computation as _welch's, rearranged to pass over the segments fewer times; it agrees with _welch
-    and scipy.signal.welch to rounding (1e-15 relative; an offset 10^4 times the signal costs all three a few
-    digits, 1e-12). Each segment's mean is taken out of its spectrum, where it only reaches the lowest bins
-    (FFT((x - m) w) = FFT(x w) - m FFT(w)), rather than out of every sample; and only the bins up to the top
-    band are squared, then averaged over segments and summed per band in one matrix product.
+    scipy.signal.welch's computation, rearranged to pass over the segments fewer times; it agrees with it to
+    rounding (1e-15 relative; an offset 10^4 times the signal costs both a few digits, 1e-12). Each segment's
+    mean is taken out of its spectrum, where it only reaches the lowest bins (FFT((x - m) w) = FFT(x w) -
+    m FFT(w)), rather than out of every sample; and only the bins up to the top band are squared, then averaged
+    over segments and summed per band in one matrix product.
     """
     step = nperseg - nperseg // 2
     count = 1 + (x.shape[1] - nperseg) // step
@@ -531,23 +531,6 @@ def _band_weights(nperseg: int, rate: float, count: int) -> tuple[np.ndarray, np
     weights.flags.writeable = False
     taper_spectrum.flags.writeable = False
     return taper, taper_spectrum, weights
-
-
-def _welch(x: np.ndarray, rate: float, nperseg: int) -> tuple[np.ndarray, np.ndarray]:
-    """Welch PSD of each row: Hann segments of nperseg, half overlapping, mean removed, one-sided density.
-
-    The same result as scipy.signal.welch with those options, in a few vectorised steps; the reference that
-    _band_powers computes band sums of.
-    """
-    step = nperseg - nperseg // 2
-    count = 1 + (x.shape[-1] - nperseg) // step
-    segments = x[:, np.arange(nperseg)[None, :] + step * np.arange(count)[:, None]]
-    segments = segments - segments.mean(axis=-1, keepdims=True)
-    taper = _periodic_hann(nperseg)
-    spectrum = np.fft.rfft(segments * taper, axis=-1)
-    psd = (spectrum.real**2 + spectrum.imag**2) / (rate * float(taper @ taper))
-    psd[..., 1 : None if nperseg % 2 else -1] *= 2  # one-sided: all but DC (and Nyquist) count twice
-    return np.fft.rfftfreq(nperseg, 1.0 / rate), psd.mean(axis=1)
 
 
 @lru_cache(maxsize=16)
