@@ -323,11 +323,10 @@ class SessionWindows:
         stop = min(
             chunks[-1].index + chunks[-1].count, segment.end, line.index + math.ceil((end - line.time_s) / slope) + 3
         )
-        run = None
-        if plan is not None and plan.sections:
-            run = segment.run_for(config.filter_epoch(stream.modality, start))
-            if run is not None:
-                first = max(first, run.start)
+        # Unfiltered streams have no filter runs.
+        run = segment.run_for(config.filter_epoch(stream.modality, start))
+        if run is not None:
+            first = max(first, run.start)
         stop = max(first, stop)
         times = line.time_of(np.arange(first, stop))
         keep = (times >= grid_start - 2 * slope) & (times <= end + 2 * slope)
@@ -338,9 +337,9 @@ class SessionWindows:
         valid = segment.valid.view(first, stop)[0]
         t1 = time.perf_counter()
         samples = unfiltered
-        if run is not None and plan is not None:
+        if run is not None and segment.plan is not None:
             samples = run.output.view(first, stop)
-            block.filters.extend(plan.names)
+            block.filters.extend(segment.plan.names)
         t2 = time.perf_counter()
         grid_count = lead_count + window_count
         # The band-pass already keeps ECG and EEG far below the new Nyquist frequency: no anti-aliasing needed.
