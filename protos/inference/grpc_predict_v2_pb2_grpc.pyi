@@ -9,9 +9,9 @@ and uint64). Only the endpoints below are served; tensors travel in raw_input_co
 (little-endian, row-major), or in the typed contents fields.
 """
 
-from clisonix.kserve.v2 import grpc_predict_v2_pb2 as _grpc_predict_v2_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
+from inference import grpc_predict_v2_pb2 as _grpc_predict_v2_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
