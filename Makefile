@@ -17,16 +17,26 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Standard KServe / Triton clients for the inference tests, in their own venv: tritonclient pins protobuf < 7,
+# which the project's protobuf 7 stubs cannot share a process with.
+CLIENTS_VENV := .venv-clients
+CLIENTS_STAMP := $(CLIENTS_VENV)/.installed
+
+$(CLIENTS_STAMP):
+	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet "tritonclient[grpc]==2.73.0" numpy==2.4.6 protobuf==6.33.6
+	touch $(CLIENTS_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/clisonix demo
 
-test: $(STAMP)
+test: $(STAMP) $(CLIENTS_STAMP)
 	$(PY) -m pytest
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) $(CLIENTS_STAMP)
 	$(PY) -m pytest tests/integration
 
 # Regenerate the committed protobuf / gRPC stubs beside their .proto files.
@@ -35,6 +45,11 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/clisonix bench ingest
+
+# Train, distill, prune, export, evaluate and report the ECG beat models into models/ (about 6 min on 2 cores).
+.PHONY: models
+models: $(STAMP)
+	$(VENV)/bin/clisonix model all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench

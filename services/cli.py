@@ -250,23 +250,31 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Brings the platform up, replays real recordings through ingest and fusion, shows the fused windows."""
+    """Brings the platform up, replays real recordings through ingest, fusion and inference, shows the fused
+    windows and the predictions."""
     from services.demo import run_demo
 
     log_dir = Path(tempfile.mkdtemp(prefix="clisonix-demo-"))
-    platform = Platform(None, ["ingest", "fusion"], log_dir, args.port_offset)
+    platform = Platform(None, ["ingest", "fusion", "inference"], log_dir, args.port_offset)
     print("starting the embedded broker and the services ...", flush=True)
     platform.start()
     try:
         print("clisonix is up:\n" + platform.describe(), flush=True)
         print(
             f"replaying two recordings at {args.speed:g}x real time for {args.duration:g} s of recording each; "
-            "fused windows (2 s, every 1 s) as fusion produces them:",
+            "fused windows (2 s, every 1 s) as fusion produces them, and the inference worker's prediction for each:",
             flush=True,
         )
         ingest = next(p for p in platform.processes if p.name == "ingest")
         return asyncio.run(
-            run_demo(ingest.target, platform.bootstrap_servers, "clisonix.signals.fused.v1", args.speed, args.duration)
+            run_demo(
+                ingest.target,
+                platform.bootstrap_servers,
+                "clisonix.signals.fused.v1",
+                args.speed,
+                args.duration,
+                topic_results="clisonix.inference.results.v1",
+            )
         )
     finally:
         platform.stop()
@@ -294,6 +302,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return ingest_bench.main(args.bench_args)
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    """Runs a step of the model pipeline (services.inference.pipeline)."""
+    from services.inference.pipeline import main as model_main
+
+    return model_main(args)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every `clisonix model` step takes; left out, the pipeline's defaults (the shipped models')."""
+    parser.add_argument("--work", help="work folder (default build/models)")
+    parser.add_argument("--repository", help="model repository folder (default models)")
+    parser.add_argument("--record", help="WFDB record with .atr beat annotations (default data/wfdb/100)")
+    parser.add_argument("--seconds", type=float, help="use only the record's first seconds (default: all of it)")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--threads", type=int, help="torch threads while training")
+    parser.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    parser.add_argument("--samples-per-epoch", type=int, help="segments per teacher epoch")
+    parser.add_argument("--student-epochs", type=int, help="distillation epochs of the student")
+    parser.add_argument("--finetune-epochs", type=int, help="distillation epochs after pruning")
+    parser.add_argument("--student-samples-per-epoch", type=int, help="segments per distillation epoch")
+    parser.add_argument("--prune-ratio", type=float, help="fraction of each layer's channels pruning removes")
+    parser.add_argument("--temperature", type=float, help="distillation temperature")
+    parser.add_argument("--alpha", type=float, help="weight of the teacher's soft targets in the distillation loss")
+    parser.add_argument("--teacher-widths", help="teacher conv widths, e.g. 64,128,128,256")
+    parser.add_argument("--student-widths", help="student conv widths, e.g. 8,16,16,32")
+    parser.add_argument("--bench-rounds", type=int, help="report: interleaved timing rounds")
+    parser.add_argument("--bench-calls", type=int, help="report: calls per model, batch size and round")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clisonix",
@@ -317,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up",
         help="start the broker and every service on the default ports",
-        description="Starts the embedded broker and the services on their default ports "
-        "(ingest gRPC 50051, metrics 9101) and keeps them up until Ctrl-C.",
+        description="Starts the embedded broker and the services on their default ports (gRPC, metrics: ingest "
+        "50051, 9101; fusion 50052, 9102; inference 8001 (KServe v2), 9103) and keeps them up until Ctrl-C.",
     )
     up.add_argument("--bootstrap-servers", help="use this Kafka instead of starting the embedded broker")
     up.add_argument("--services", nargs="+", default=list(SERVICES), choices=SERVICES, help="services to start")
@@ -380,9 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="bring everything up and replay a real recording through it",
-        description="Starts the broker, ingest and fusion, replays an ICU recording (ECG, PPG, respiration) and an "
-        "EEG recording through them, and shows the fused windows live: heart rate, pulse rate, breathing rate, "
-        "EEG band powers. Then stops.",
+        description="Starts the broker, ingest, fusion and inference, replays an ICU recording (ECG, PPG, "
+        "respiration) and an EEG recording through them, and shows the fused windows live (heart rate, pulse rate, "
+        "breathing rate, EEG band powers) with the beat model's prediction for each: beats, heart rate, latency "
+        "and energy. Then stops.",
     )
     demo.add_argument("--speed", type=float, default=20.0, help="replay speed (default 20x real time)")
     demo.add_argument("--duration", type=float, default=300.0, help="seconds of recording to replay (default 300)")
@@ -397,6 +435,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["ingest", "fusion"], help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=cmd_bench)
+
+    model = sub.add_parser(
+        "model",
+        help="train, distill, prune, export, evaluate and report the ECG beat models",
+        description="The model pipeline on MIT-BIH record 100: train the teacher, distill the student, prune it, "
+        "export to ONNX (and int8), score every variant on the held-out 20 % of the record, and report size, "
+        "latency and energy per window. Each step reads and writes a work folder; export and evaluate write the "
+        "artifacts into the model repository, report writes REPORT.md and pareto.png beside them.",
+    )
+    steps = model.add_subparsers(dest="step", required=True, metavar="STEP")
+    for step, text in (
+        ("train", "train the teacher on the labels"),
+        ("distill", "train the student by knowledge distillation from the teacher"),
+        ("prune", "prune the student's channels (structured) and fine-tune it by distillation"),
+        ("export", "export ONNX models (checked against torch), quantise to int8, write the artifacts"),
+        ("evaluate", "score every variant on the held-out data; write the scores into the artifacts"),
+        ("report", "time every variant side by side; write REPORT.md, pareto.png and report.json"),
+        ("all", "run train, distill, prune, export, evaluate and report in order"),
+    ):
+        step_parser = steps.add_parser(step, help=text, description=text[0].upper() + text[1:] + ".")
+        _model_arguments(step_parser)
+        step_parser.set_defaults(func=cmd_model)
 
     for name in SERVICES:
         service = sub.add_parser(

@@ -1,8 +1,11 @@
-"""`clisonix demo`: real recordings through ingest and fusion, with the fused windows shown as they arrive.
+"""`clisonix demo`: real recordings through ingest, fusion and inference, with the fused windows and the
+predictions shown as they arrive.
 
 Two sessions stream at once: a cardio-respiratory ICU recording (ECG, PPG, respiration: heart rate, pulse rate,
-breathing rate) and a BioSemi EEG recording with a real clock reset (band powers). A plain Kafka consumer reads
-clisonix.signals.fused.v1, as any downstream user would.
+breathing rate) and a BioSemi EEG recording with a real clock reset (band powers). Plain Kafka consumers read
+clisonix.signals.fused.v1 and clisonix.inference.results.v1, as any downstream user would: for every window the
+inference worker's beat model says where the beats are, with its latency and the energy it took (the EEG
+session's windows, which hold no ECG, get predictions that say so).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer
 
 from clisonix.fusion.v1 import fusion_pb2
+from clisonix.inference.v1 import inference_pb2
 from services.ingest.client import StreamClient, StreamProgress
 from services.ingest.sources import open_source
 
@@ -34,9 +38,20 @@ DEMO_DESCRIPTIONS = {
 BANDS = ("delta", "theta", "alpha", "beta", "gamma")
 
 
+@dataclass(frozen=True)
+class PredictionFigures:
+    """What the demo's summary needs of one prediction."""
+
+    latency_s: float
+    joules: float
+    energy_source: str
+    skipped: bool
+
+
 @dataclass
 class SessionView:
-    """What the demo shows for one session: ingest progress and the latest fused window's features."""
+    """What the demo shows for one session: ingest progress, the latest fused window's features and the latest
+    prediction."""
 
     label: str
     progress: StreamProgress | None = None
@@ -50,6 +65,11 @@ class SessionView:
     resets: int = 0
     gaps: int = 0
     heart_rates: list[float] = field(default_factory=list)
+    # The inference worker's predictions: the latest, and every prediction's figures (by prediction id, so a
+    # prediction re-produced after a failover counts once).
+    prediction: inference_pb2.Prediction | None = None
+    predicted: dict[str, PredictionFigures] = field(default_factory=dict)
+    skipped: int = 0
 
     def take(self, window: fusion_pb2.FusedWindow) -> None:
         self.windows += 1
@@ -68,6 +88,34 @@ class SessionView:
             elif kind == "eeg" and stream.features.eeg.channels:
                 channels = stream.features.eeg.channels
                 self.band_powers = {band: float(np.mean([getattr(c, band) for c in channels])) for band in BANDS}
+
+    def take_prediction(self, prediction: inference_pb2.Prediction) -> None:
+        if prediction.prediction_id in self.predicted:
+            return
+        self.prediction = prediction
+        self.predicted[prediction.prediction_id] = PredictionFigures(
+            prediction.latency_s, prediction.joules, prediction.energy_source, bool(prediction.skipped_reason)
+        )
+        self.skipped += bool(prediction.skipped_reason)
+
+    @property
+    def predictions(self) -> int:
+        return len(self.predicted)
+
+    def prediction_line(self) -> str:
+        """The latest prediction: model, beats and heart rate, latency and energy (or why it was skipped)."""
+        p = self.prediction
+        if p is None:
+            return f"{'':<7} {0:>5} predictions"
+        text = f"{'':<7} {self.predictions:>5} predictions, model {p.model_name} v{p.model_version} ({p.variant})"
+        if p.skipped_reason:
+            return text + f" | skipped: {p.skipped_reason.replace('_', ' ')}"
+        rate = p.heart_rate_bpm if p.HasField("heart_rate_bpm") else math.nan
+        return (
+            text
+            + f" | {len(p.beats)} beats, HR {_num(rate)} bpm | latency {1000 * p.latency_s:5.1f} ms, "
+            + f"{energy_text(p.joules, p.energy_source)}, batch {p.batch_size}"
+        )
 
     def line(self) -> str:
         acked = self.progress.chunks_acked if self.progress else 0
@@ -88,6 +136,34 @@ class SessionView:
 
 def _num(value: float) -> str:
     return "  -  " if math.isnan(value) else f"{value:5.1f}"
+
+
+def energy_text(joules: float, source: str) -> str:
+    """Joules in millijoules with where the figure comes from, e.g. "0.12 mJ (estimate)"."""
+    return f"{1000 * joules:.3g} mJ ({source or 'unknown'})"
+
+
+async def watch_predictions(
+    bootstrap_servers: str, topic: str, views: dict[str, SessionView], stop: asyncio.Event
+) -> None:
+    """Reads predictions from the beginning of `topic` (no group) and hands each to its session's view."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", fetch_max_wait_ms=5
+    )
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100)
+            by_pseudonym = {v.pseudonym: v for v in views.values() if v.pseudonym}
+            for records in batches.values():
+                for record in records:
+                    prediction = inference_pb2.Prediction()
+                    prediction.ParseFromString(record.value)
+                    view = by_pseudonym.get(prediction.session_id)
+                    if view is not None:
+                        view.take_prediction(prediction)
+    finally:
+        await consumer.stop()
 
 
 async def watch_fused(bootstrap_servers: str, topic: str, views: dict[str, SessionView], stop: asyncio.Event) -> None:
@@ -119,18 +195,27 @@ async def run_demo(
     speed: float,
     duration_s: float,
     settle_s: float = 15.0,
+    topic_results: str | None = None,
 ) -> int:
-    """Streams the demo recordings, shows fused windows live, prints a summary; returns an exit code."""
+    """Streams the demo recordings, shows fused windows (and with `topic_results`, the predictions) live,
+    prints a summary; returns an exit code."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
     views = {label: SessionView(label) for label in DEMO_SOURCES}
     stop = asyncio.Event()
-    watcher = asyncio.create_task(watch_fused(bootstrap_servers, topic_fused, views, stop))
+    watchers = [asyncio.create_task(watch_fused(bootstrap_servers, topic_fused, views, stop))]
+    if topic_results is not None:
+        watchers.append(asyncio.create_task(watch_predictions(bootstrap_servers, topic_results, views, stop)))
 
     def show() -> str:
-        return "\n".join(view.line() for view in views.values())
+        lines = []
+        for view in views.values():
+            lines.append(view.line())
+            if topic_results is not None:
+                lines.append(view.prediction_line())
+        return "\n".join(lines)
 
     async def stream(label: str) -> StreamProgress:
         source = open_source(DEMO_SOURCES[label], duration_s=duration_s)
@@ -170,7 +255,7 @@ async def run_demo(
             print(show(), flush=True)
     finally:
         stop.set()
-        await watcher
+        await asyncio.gather(*watchers)
     rejected = sum(p.rejected for p in results)
     cardio = views["cardio"]
     median_hr = float(np.median(cardio.heart_rates)) if cardio.heart_rates else math.nan
@@ -182,16 +267,36 @@ async def run_demo(
         + f"; median heart rate {median_hr:.1f} bpm",
         flush=True,
     )
-    return 0 if rejected == 0 and all(view.windows > 0 for view in views.values()) else 3
+    ok = rejected == 0 and all(view.windows > 0 for view in views.values())
+    if topic_results is not None:
+        print(prediction_summary(views), flush=True)
+        ok = ok and all(view.predictions > 0 for view in views.values())
+    return 0 if ok else 3
+
+
+def prediction_summary(views: dict[str, SessionView]) -> str:
+    """Predictions per session (skipped ones too), and over the windows the model ran on: the median latency and
+    the mean energy per window."""
+    made = [figures for view in views.values() for figures in view.predicted.values() if not figures.skipped]
+    sources = sorted({figures.energy_source for figures in made})
+    text = "predictions: " + ", ".join(
+        f"{label} {view.predictions} ({view.skipped} skipped)" for label, view in views.items()
+    )
+    if made:
+        latency_ms = 1000 * float(np.median([figures.latency_s for figures in made]))
+        joules = float(np.mean([figures.joules for figures in made]))
+        text += f"; median latency {latency_ms:.1f} ms, mean {energy_text(joules, '/'.join(sources))} per window"
+    return text
 
 
 async def _settle(views: dict[str, SessionView], settle_s: float, refresh: Callable[[], None]) -> None:
-    """Waits (up to settle_s) for fusion to emit the sessions' last windows after the streams ended."""
+    """Waits (up to settle_s) for fusion to emit the sessions' last windows after the streams ended, and for
+    their predictions."""
     deadline = time.monotonic() + settle_s
     last = -1
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        total = sum(view.windows for view in views.values())
+        total = sum(view.windows + view.predictions for view in views.values())
         if total != last:
             last, quiet_since = total, time.monotonic()
         elif total and time.monotonic() - quiet_since > 7.0:

@@ -20,8 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "ingest": (50051, 9101),
     "fusion": (50052, 9102),
+    "inference": (8001, 9103),
 }
 SERVICES = tuple(DEFAULT_PORTS)
+# The shipped model repository: the inference service is started with its absolute path, so the services find
+# it whatever their working directory.
+MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "models"
 
 
 def wait_serving(target: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -96,7 +100,8 @@ class ServiceProcess:
 
 
 def local_environment(bootstrap_servers: str) -> dict[str, str]:
-    """Environment for services on one machine: the given broker, a short fetch wait, text logs.
+    """Environment for services on one machine: the given broker, a short fetch wait, text logs, the
+    repository's models (unless CLISONIX_MODEL_REPOSITORY names others).
 
     Without CLISONIX_PSEUDONYM_KEY a random key is made for this run only: pseudonyms then differ between
     runs, which is safe for a demo and wrong for a study (set the key for real data).
@@ -107,6 +112,7 @@ def local_environment(bootstrap_servers: str) -> dict[str, str]:
         # One machine: listen on loopback only unless told otherwise.
         "CLISONIX_GRPC_HOST": os.environ.get("CLISONIX_GRPC_HOST", "127.0.0.1"),
         "CLISONIX_METRICS_HOST": os.environ.get("CLISONIX_METRICS_HOST", "127.0.0.1"),
+        "CLISONIX_MODEL_REPOSITORY": os.environ.get("CLISONIX_MODEL_REPOSITORY", str(MODEL_REPOSITORY)),
     }
     if not os.environ.get("CLISONIX_PSEUDONYM_KEY"):
         env["CLISONIX_PSEUDONYM_KEY"] = secrets.token_hex(32)

@@ -124,3 +124,131 @@ async def fusion_service(fusion_settings: Callable[..., object]) -> AsyncIterato
     yield start
     for service in reversed(started):
         await service.stop()
+
+
+# Tiny inference models (random weights, fixed seeds) in a model repository, for the inference tests.
+TINY_WINDOW = 64
+TINY_TORCH = "beat-torch"  # runtime torch, versions 1 and 2
+TINY_ONNX = "beat-onnx"  # runtime onnxruntime, version 1: the same weights as beat-torch version 2
+
+
+def tiny_beat_net(seed: int):  # -> services.inference.nets.ServedBeatNet (torch is imported lazily)
+    """A small ServedBeatNet with random weights and batch-norm statistics drawn from `seed`, in eval mode."""
+    import torch
+
+    from services.inference.nets import BeatNet, NetConfig, ServedBeatNet
+
+    torch.manual_seed(seed)
+    net = BeatNet(NetConfig(widths=(4, 8), kernel=5, hidden=8, window_samples=TINY_WINDOW))
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return ServedBeatNet(net).eval()
+
+
+def tiny_metadata(name: str, version: str, runtime: str, net_config: dict[str, object], seed: int):
+    """ArtifactMetadata of a tiny beat model: input "ecg" FP32 (-1, 1, TINY_WINDOW), outputs logits and
+    probabilities FP32 (-1, 2)."""
+    from services.inference.repository import ArtifactMetadata, TensorSpec
+
+    return ArtifactMetadata(
+        name=name,
+        version=version,
+        task="ecg-beat",
+        variant="student",
+        runtime=runtime,
+        precision="fp32",
+        file="model.pt" if runtime == "torch" else "model.onnx",
+        inputs=(TensorSpec("ecg", "FP32", (-1, 1, TINY_WINDOW)),),
+        outputs=(TensorSpec("logits", "FP32", (-1, 2)), TensorSpec("probabilities", "FP32", (-1, 2))),
+        modality="ecg",
+        channels=("II",),
+        sample_rate_hz=256.0,
+        window_samples=TINY_WINDOW,
+        labels=("no_beat", "beat"),
+        net=net_config,
+        seed=seed,
+    )
+
+
+def write_tiny_models(root: Path) -> Path:
+    """Writes TINY_TORCH (versions 1 and 2) and TINY_ONNX (version 1) into the repository at `root`."""
+    import warnings
+
+    import torch
+
+    from services.inference.repository import write_artifact
+
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f"{root.name}-staging"
+    staging.mkdir(exist_ok=True)
+    for version, seed in (("1", 1), ("2", 2)):
+        served = tiny_beat_net(seed)
+        payload = staging / f"{TINY_TORCH}-{version}.pt"
+        torch.save(served.net.state_dict(), payload)
+        write_artifact(root, tiny_metadata(TINY_TORCH, version, "torch", served.net.config.to_json(), seed), payload)
+    served = tiny_beat_net(2)
+    payload = staging / f"{TINY_ONNX}-1.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated; it is quick and enough here
+        torch.onnx.export(
+            served,
+            (torch.zeros(2, 1, TINY_WINDOW),),
+            str(payload),
+            input_names=["ecg"],
+            output_names=["logits", "probabilities"],
+            dynamic_axes={"ecg": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamo=False,
+        )
+    write_artifact(root, tiny_metadata(TINY_ONNX, "1", "onnxruntime", served.net.config.to_json(), 2), payload)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding the tiny beat models (see write_tiny_models), written once per session."""
+    return write_tiny_models(tmp_path_factory.mktemp("inference") / "models")
+
+
+@pytest.fixture
+def inference_settings(tiny_model_repository: Path) -> Callable[..., object]:
+    """Builds InferenceSettings for a test: loopback, port 0, the tiny models, estimated energy, no Kafka worker;
+    keyword arguments override."""
+    from services.inference.settings import InferenceSettings
+
+    def make(**overrides: object) -> InferenceSettings:
+        values: dict[str, object] = {
+            "grpc_host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
+            "model_repository": tiny_model_repository,
+            "kafka_worker": False,
+            "energy_source": "estimate",
+            "drain_seconds": 1.0,
+            "log_format": "text",
+        }
+        values.update(overrides)
+        return InferenceSettings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+async def inference_service(inference_settings: Callable[..., object]) -> AsyncIterator[Callable[..., object]]:
+    """Starts in-process inference services (real gRPC on loopback); stops them after the test."""
+    from services.inference.service import InferenceService
+
+    started: list[InferenceService] = []
+
+    async def start(**overrides: object) -> InferenceService:
+        service = InferenceService(inference_settings(**overrides))  # type: ignore[arg-type]
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in reversed(started):
+        await service.stop()

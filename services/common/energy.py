@@ -289,6 +289,7 @@ class EnergyMeter:
         if not math.isfinite(watts_per_core) or watts_per_core < 0:
             raise ValueError(f"watts_per_core must be a finite number >= 0, got {watts_per_core}")
         self._lock = threading.Lock()
+        self._watts_per_core = watts_per_core
         self._source = self._open(source, Path(powercap_root), watts_per_core)
         self._cpu0 = time.process_time()
 
@@ -311,6 +312,11 @@ class EnergyMeter:
     def source(self) -> str:
         """The source in use: "rapl", "nvml" or "estimate"."""
         return self._source.name
+
+    @property
+    def watts_per_core(self) -> float:
+        """The power of one fully busy core that the estimate source assumes (given at construction)."""
+        return self._watts_per_core
 
     def read(self) -> EnergyReading:
         """Energy and process CPU time since the meter was created.
@@ -340,3 +346,59 @@ class EnergyMeter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CpuTimeAttribution:
+    """Joules of one piece of work (e.g. a model's forward pass) from the CPU time it took.
+
+    estimate: the work's CPU seconds times the meter's watts per core, as the estimate source counts a process.
+    rapl, nvml: the counters are machine-wide, so the work gets the machine's measured energy in proportion to its
+        share of the machine's busy CPU time: cpu_seconds x (joules / busy CPU seconds of the machine), the ratio
+        taken over the last `interval_s` or more. One forward pass is far shorter than the counters' resolution
+        (RAPL updates about every millisecond, /proc/stat in 10 ms ticks), so a ratio read around the pass alone
+        would mostly be 0 or a whole tick; over a second it is what EnergyExporter attributes to the process.
+
+    meter: the service's energy meter; its source labels every figure this gives.
+    proc_stat: the kernel's CPU accounting (rapl and nvml only).
+    interval_s: the shortest span over which the measured ratio is refreshed.
+
+    `joules()` is thread-safe.
+    """
+
+    def __init__(self, meter: EnergyMeter, proc_stat: Path = DEFAULT_PROC_STAT, interval_s: float = 1.0) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.meter = meter
+        self._proc_stat = proc_stat
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._rate: float | None = None  # joules per busy CPU second of the machine
+        if meter.source != "estimate":
+            self._since = time.monotonic()
+            self._joules0 = meter.read().joules
+            self._busy0 = machine_busy_cpu_seconds(proc_stat)
+
+    @property
+    def source(self) -> str:
+        """Where the figures come from: "rapl", "nvml" or "estimate"."""
+        return self.meter.source
+
+    def joules(self, cpu_seconds: float) -> float:
+        """The energy attributed to work that took `cpu_seconds` of CPU time (0 until the machine's counters have
+        moved at all, for rapl and nvml). Raises OSError if a counter becomes unreadable."""
+        if cpu_seconds <= 0:
+            return 0.0
+        if self.meter.source == "estimate":
+            return cpu_seconds * self.meter.watts_per_core
+        with self._lock:
+            now = time.monotonic()
+            elapsed = now - self._since
+            if self._rate is None or elapsed >= self._interval_s:
+                joules = self.meter.read().joules
+                busy = machine_busy_cpu_seconds(self._proc_stat)
+                if busy > self._busy0:
+                    self._rate = max(0.0, joules - self._joules0) / (busy - self._busy0)
+                    # Until a whole interval has passed the span keeps growing from the same start.
+                    if elapsed >= self._interval_s:
+                        self._since, self._joules0, self._busy0 = now, joules, busy
+            return cpu_seconds * (self._rate or 0.0)

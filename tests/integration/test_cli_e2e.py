@@ -132,13 +132,16 @@ async def test_clisonix_stream_reports_a_wrong_token(ingest_service):
 
 
 def port_offset() -> int:
-    """An offset under which the default ports (broker, ingest gRPC and metrics) are all free now."""
+    """An offset under which the default ports (the broker's, every service's gRPC and metrics) are all free now."""
     import socket
 
+    from services.processes import DEFAULT_PORTS
+
+    ports = [9092, *(port for pair in DEFAULT_PORTS.values() for port in pair)]
     for _ in range(100):
         offset = random.randint(2000, 6000)
         try:
-            for port in (9092, 50051, 9101):
+            for port in ports:
                 with socket.socket() as sock:
                     sock.bind(("127.0.0.1", port + offset))
         except OSError:
@@ -172,9 +175,10 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint(tmp_pa
                 logs = {p.name: p.read_text()[-2000:] for p in tmp_path.iterdir()}
                 raise AssertionError(f"clisonix up was not up in time; logs: {logs}") from None
             assert line, "clisonix up exited before it was up"
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{50051 + offset}") as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        for port in (50051, 50052, 8001):  # ingest, fusion, inference
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port + offset}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, port
     finally:
         process.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(process.wait(), 60)
@@ -190,6 +194,13 @@ async def test_clisonix_demo_runs_the_main_job():
     cardio, eeg = (int(summary.split(f"{label} ")[1].split(",")[0].split(";")[0]) for label in ("cardio", "eeg"))
     assert cardio >= 17 and eeg >= 17  # 20 s of each recording in 2 s windows every 1 s
     assert "HR " in output and "band power" in output
+    # Every window got a prediction: the cardio ones from the ECG (the last, flushed with what was there, may hold
+    # too little of it), the EEG ones (no ECG) skipped with the reason.
+    predictions = output[output.index("predictions: ") :]
+    cardio_skipped = int(predictions.split(f"cardio {cardio} (")[1].split(" skipped")[0])
+    assert cardio_skipped <= 1 and f"eeg {eeg} ({eeg} skipped)" in predictions
+    assert "median latency" in predictions and " mJ (" in predictions
+    assert "skipped: no ecg stream" in output
 
 
 async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigterm():
