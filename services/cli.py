@@ -297,6 +297,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench import fusion as fusion_bench
 
         return fusion_bench.main(args.bench_args)
+    if args.name == "inference":
+        from bench import inference as inference_bench
+
+        return inference_bench.main(args.bench_args)
     from bench import ingest as ingest_bench
 
     return ingest_bench.main(args.bench_args)
@@ -429,10 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (ingest, fusion)",
+        help="run a benchmark (ingest, fusion, inference)",
         description="Benchmarks, printing figures and ratios measured side by side in one run.",
     )
-    bench.add_argument("name", choices=["ingest", "fusion"], help="which benchmark")
+    bench.add_argument("name", choices=["ingest", "fusion", "inference"], help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=cmd_bench)
 

@@ -11,7 +11,7 @@ import pytest
 from services.ingest.sources import SOURCE_KINDS, open_source
 
 REPO = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ["broker", "up", "stream", "demo", "bench", "ingest"]
+SUBCOMMANDS = ["broker", "up", "stream", "demo", "bench", "ingest", "model"]
 
 
 def clisonix(*args: str) -> subprocess.CompletedProcess[str]:
