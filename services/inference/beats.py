@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Probabilities within this of a run's highest count as its plateau (detect_beats): float32 softmax outputs of
+# a saturated net differ in their last digits only.
+PLATEAU = 1e-3
+
 
 def sliding_segments(signal: np.ndarray, window_samples: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Segments of `signal` (1-D) of `window_samples`, every `stride` samples, shaped (count, 1, window_samples)
@@ -31,8 +35,12 @@ def detect_beats(
     centres: np.ndarray, beat_probability: np.ndarray, threshold: float = 0.5, refractory_samples: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Beats from per-segment beat probabilities: one per run of consecutive segments at or above `threshold`,
-    at the centre of the run's most probable segment; of two beats closer than `refractory_samples`, the less
-    probable is dropped. Returns (sample indices, probabilities), in time order.
+    at the middle of the run's plateau (the segments within PLATEAU of the run's highest probability, from the
+    first to the last of them); of two beats closer than `refractory_samples`, the less probable is dropped.
+    Returns (sample indices, probabilities), in time order.
+
+    A classifier saturates near a beat: several neighbouring segments read 1.0, and taking the first of them
+    would place every beat early by half the plateau; its middle is where the beat is.
 
     centres: segment centres in samples, increasing, evenly strided (as sliding_segments gives them).
     """
@@ -45,12 +53,15 @@ def detect_beats(
         return np.empty(0, dtype=np.int64), np.empty(0)
     edges = np.diff(np.concatenate([[0], above.astype(np.int8), [0]]))
     run_starts, run_stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    peaks = np.array(
-        [start + int(np.argmax(probability[start:stop])) for start, stop in zip(run_starts, run_stops, strict=True)]
-    )
-    beats, kept_p = [int(centres[peaks[0]])], [float(probability[peaks[0]])]
-    for peak in peaks[1:]:
-        at, p = int(centres[peak]), float(probability[peak])
+    places: list[tuple[int, float]] = []
+    for start, stop in zip(run_starts.tolist(), run_stops.tolist(), strict=True):
+        run = probability[start:stop]
+        top = float(run.max())
+        plateau = np.flatnonzero(run >= top - PLATEAU)
+        first, last = int(centres[start + plateau[0]]), int(centres[start + plateau[-1]])
+        places.append(((first + last) // 2, top))
+    beats, kept_p = [places[0][0]], [places[0][1]]
+    for at, p in places[1:]:
         if at - beats[-1] < refractory_samples:
             if p > kept_p[-1]:
                 beats[-1], kept_p[-1] = at, p

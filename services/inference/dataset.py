@@ -37,6 +37,10 @@ NEGATIVE_MS = 100.0
 HELD_OUT_FRACTION = 0.2
 VALIDATION_FRACTION = 1 / 8  # of the training part, at its end
 IGNORE = -1
+# Where the classical detector's beats are trusted as labels (reliable_samples): intervals of 0.3-2 s (200 to 30
+# per minute) within 0.55-1.6 times the local median interval.
+RR_RANGE_S = (0.3, 2.0)
+RR_RATIO = (0.55, 1.6)
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,23 @@ class EcgRecord:
     symbols: tuple[str, ...]
     filters: tuple[str, ...]
     non_beat_annotations: int
+    valid: np.ndarray | None = None
+    labels_from: str = "annotations"
 
     @property
     def duration_s(self) -> float:
         return self.signal.size / self.rate_hz
+
+    def valid_segments(self, centres: np.ndarray, window_samples: int) -> np.ndarray:
+        """Whether each segment centred at `centres` lies wholly in samples whose labels hold (all of them
+        when `valid` is None)."""
+        centres = np.asarray(centres, dtype=np.int64)
+        if self.valid is None:
+            return np.ones(centres.shape, dtype=bool)
+        bad = np.concatenate([[0], np.cumsum(~self.valid)])
+        start = np.clip(centres - window_samples // 2, 0, self.signal.size)
+        stop = np.clip(start + window_samples, 0, self.signal.size)
+        return bad[stop] == bad[start]
 
 
 def load_record(
@@ -109,20 +126,10 @@ def load_record(
     record = wfdb.rdrecord(str(path), channel_names=[channel], sampto=stop)
     if record.p_signal is None or record.p_signal.shape[1] != 1:
         raise ValueError(f"record {path.name} has no channel {channel!r}")
-    raw = np.asarray(record.p_signal, dtype=np.float64).T  # (1, n)
+    raw = np.asarray(record.p_signal, dtype=np.float64)[:, 0]
     if not np.isfinite(raw).all():
         raise ValueError(f"record {path.name} has missing samples in {channel}")
-    plan = filter_plan(native, filters.band_hz, filters.order, filters.mains_hz, filters.notch_quality)
-    filtered = apply_causal(plan, raw)
-    n = raw.shape[1]
-    times = np.arange(n) / native
-    grid_count = int(np.floor(n * filters.rate_hz / native))
-    # Fusion resamples band-limited ECG by interpolation alone (its band-pass edge is far below the new Nyquist
-    # frequency), so no anti-aliasing FIR here either.
-    resampled = resample_to_grid(filtered, times, np.ones(n, dtype=bool), 0.0, grid_count, filters.rate_hz, False)
-    signal = resampled[0]
-    valid = np.isfinite(signal)
-    signal = signal[: int(np.argmin(valid)) if not valid.all() else signal.size].astype(np.float32)
+    signal, _, names = preprocess(raw, native, filters)
 
     annotations = wfdb.rdann(str(path), "atr", sampto=stop)
     samples = np.asarray(annotations.sample, dtype=np.int64)
@@ -139,8 +146,140 @@ def load_record(
         native_rate_hz=native,
         beats=beats[keep],
         symbols=tuple(s for s, b in zip(symbols, is_beat, strict=True) if b)[: int(keep.sum())],
-        filters=plan.names,
+        filters=names,
         non_beat_annotations=int((~is_beat).sum()),
+    )
+
+
+def preprocess(
+    raw: np.ndarray, native_rate_hz: float, filters: EcgFilters, gap_guard_s: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """One lead (1-D, physical units, NaN where samples are missing) filtered and resampled as fusion does.
+
+    Missing samples are bridged linearly before filtering (fusion bridges gaps too); the grid samples within
+    `gap_guard_s` of one are marked invalid, since the filters ring across a bridge. Returns the signal
+    (float32), its validity mask and the filters' names.
+    """
+    n = raw.size
+    missing = ~np.isfinite(raw)
+    if missing.all():
+        raise ValueError("the lead has no valid sample")
+    filled = raw.copy()
+    if missing.any():
+        index = np.arange(n)
+        filled[missing] = np.interp(index[missing], index[~missing], raw[~missing])
+    plan = filter_plan(native_rate_hz, filters.band_hz, filters.order, filters.mains_hz, filters.notch_quality)
+    filtered = apply_causal(plan, filled[None, :])
+    times = np.arange(n) / native_rate_hz
+    grid_count = int(np.floor(n * filters.rate_hz / native_rate_hz))
+    # Fusion resamples band-limited ECG by interpolation alone (its band-pass edge is far below the new Nyquist
+    # frequency), so no anti-aliasing FIR here either.
+    resampled = resample_to_grid(filtered, times, np.ones(n, dtype=bool), 0.0, grid_count, filters.rate_hz, False)
+    signal = resampled[0]
+    finite = np.isfinite(signal)
+    end = int(np.argmin(finite)) if not finite.all() else signal.size
+    signal = signal[:end].astype(np.float32)
+    valid = np.ones(signal.size, dtype=bool)
+    if missing.any():
+        guard = gap_guard_s * filters.rate_hz
+        at = np.flatnonzero(missing) * (filters.rate_hz / native_rate_hz)
+        grid = np.arange(signal.size)
+        right = np.clip(np.searchsorted(at, grid), 0, at.size - 1)
+        left = np.clip(right - 1, 0, at.size - 1)
+        distance = np.minimum(np.abs(at[right] - grid), np.abs(at[left] - grid))
+        valid = distance > guard
+    return signal, valid, plan.names
+
+
+def classical_beats(signal: np.ndarray, rate_hz: float, valid: np.ndarray | None = None) -> np.ndarray:
+    """R-peaks (fractional samples) that the fusion service's classical detector (services.fusion.features:
+    neurokit2's gradient method, both QRS polarities) finds in the whole signal; samples marked not `valid` are
+    handed to it as missing, so no beat is placed at them."""
+    from clisonix.signal.v1 import signal_pb2
+    from services.fusion.features import FeatureInput, stream_features
+
+    samples = np.asarray(signal, dtype=np.float64).copy()
+    if valid is not None:
+        samples[~valid] = np.nan
+    end = samples.size / rate_hz
+    features = stream_features(
+        FeatureInput(
+            modality=signal_pb2.MODALITY_ECG,
+            channel_names=("ecg",),
+            samples=samples[None, :],
+            rate_hz=rate_hz,
+            start_s=0.0,
+            window_start_s=0.0,
+            window_end_s=end,
+            report_from_s=0.0,
+            report_to_s=end,
+        )
+    )
+    return np.asarray(features.ecg.r_peak_times_s, dtype=np.float64) * rate_hz
+
+
+def reliable_samples(
+    beats: np.ndarray,
+    size: int,
+    rate_hz: float,
+    rr_s: tuple[float, float] = RR_RANGE_S,
+    rr_ratio: tuple[float, float] = RR_RATIO,
+    context: int = 5,
+) -> np.ndarray:
+    """Samples where a detector's beats can serve as labels: between two consecutive beats whose interval is
+    plausible (within `rr_s`, and within `rr_ratio` of the median of the `context` intervals either side: a
+    missed beat doubles an interval, a false one halves it). Flat or noisy spans, where the detector finds no
+    beats or too many, fall outside."""
+    beats = np.sort(np.asarray(beats, dtype=np.float64))
+    reliable = np.zeros(size, dtype=bool)
+    if beats.size < 3:
+        return reliable
+    rr = np.diff(beats) / rate_hz
+    for i, interval in enumerate(rr):
+        local = np.median(rr[max(0, i - context) : i + context + 1])
+        if rr_s[0] <= interval <= rr_s[1] and rr_ratio[0] <= interval / local <= rr_ratio[1]:
+            reliable[int(np.floor(beats[i])) : int(np.ceil(beats[i + 1])) + 1] = True
+    return reliable
+
+
+def load_silver(
+    path: str | Path,
+    channel: str,
+    seconds: float | None = None,
+    filters: EcgFilters | None = None,
+) -> EcgRecord:
+    """Reads one ECG lead of a WFDB record without beat annotations, preprocesses it as fusion does
+    (preprocess) and labels it with the classical detector's beats ("silver" labels: classical_beats on the
+    whole lead). `valid` marks the samples where those labels hold: away from missing samples and between
+    beats at plausible intervals (reliable_samples). Multi-rate records are read at each signal's own rate.
+    """
+    import wfdb
+
+    filters = filters or EcgFilters.fusion_defaults()
+    path = Path(path)
+    record = wfdb.rdrecord(str(path), channel_names=[channel], smooth_frames=False)
+    if not record.e_p_signal or len(record.e_p_signal) != 1:
+        raise ValueError(f"record {path.name} has no channel {channel!r}")
+    native = float(record.fs) * int((record.samps_per_frame or [1])[0] or 1)
+    raw = np.asarray(record.e_p_signal[0], dtype=np.float64)
+    if seconds is not None:
+        raw = raw[: round(seconds * native)]
+    signal, valid, names = preprocess(raw, native, filters)
+    beats = classical_beats(signal, filters.rate_hz, valid)
+    valid &= reliable_samples(beats, signal.size, filters.rate_hz)
+    return EcgRecord(
+        name=path.name,
+        channel=channel,
+        unit=str(record.units[0]),
+        signal=signal,
+        rate_hz=filters.rate_hz,
+        native_rate_hz=native,
+        beats=beats,
+        symbols=(),
+        filters=names,
+        non_beat_annotations=0,
+        valid=valid,
+        labels_from="classical detector",
     )
 
 

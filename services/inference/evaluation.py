@@ -145,6 +145,53 @@ def _matched_offsets_ms(detected: np.ndarray, reference: np.ndarray, tolerance: 
     return delta[np.abs(delta) <= tolerance] * 1000.0 / rate_hz
 
 
+def agreement_part(
+    record: EcgRecord,
+    bounds: tuple[int, int],
+    predict: Predict,
+    window_samples: int,
+    stride: int = STRIDE_SAMPLES,
+    threshold: float = THRESHOLD,
+    refractory_ms: float = REFRACTORY_MS,
+    tolerance_ms: float = TOLERANCE_MS,
+) -> dict[str, Any]:
+    """Agreement of the model's beats with a record's reference beats on samples [bounds), counting only beats
+    (of either side) at samples where the reference holds (record.valid): Se = share of reference beats the
+    model also finds, PPV = share of the model's beats the reference also has, both within `tolerance_ms`.
+    For a record labelled by the classical detector this is agreement with that detector, not accuracy."""
+    lo, hi = bounds
+    x, centres = sliding_segments(record.signal[lo:hi], window_samples, stride)
+    centres = centres + lo
+    probability = predict(x)
+    refractory = round(refractory_ms * record.rate_hz / 1000)
+    detected, _ = detect_beats(centres, probability, threshold, refractory)
+    valid = record.valid if record.valid is not None else np.ones(record.signal.size, dtype=bool)
+
+    def holds(beats: np.ndarray) -> np.ndarray:
+        at = np.clip(np.rint(beats).astype(np.int64), 0, valid.size - 1)
+        return beats[valid[at]]
+
+    reachable = record.beats[(record.beats >= centres[0]) & (record.beats <= centres[-1])] if centres.size else []
+    reference = holds(np.asarray(reachable, dtype=np.float64))
+    detected = holds(detected.astype(np.float64))
+    tolerance = tolerance_ms * record.rate_hz / 1000
+    tp, fp, fn = match_beats(detected, reference, tolerance)
+    offsets = _matched_offsets_ms(detected, reference, tolerance, record.rate_hz)
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "positive_predictivity": _ratio(tp, tp + fp),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "reference_beats": int(reference.size),
+        "median_offset_ms": float(np.median(offsets)) if offsets.size else 0.0,
+        "reference": record.labels_from,
+        "seconds": [round(lo / record.rate_hz, 3), round(hi / record.rate_hz, 3)],
+        "labels_hold_fraction": round(float(valid[lo:hi].mean()), 4),
+        "tolerance_ms": tolerance_ms,
+    }
+
+
 def evaluate_part(
     record: EcgRecord,
     bounds: tuple[int, int],

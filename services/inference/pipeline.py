@@ -37,6 +37,7 @@ from services.inference.dataset import (
     Split,
     describe,
     load_record,
+    load_silver,
     segments_in,
 )
 from services.inference.evaluation import (
@@ -44,6 +45,7 @@ from services.inference.evaluation import (
     STRIDE_SAMPLES,
     THRESHOLD,
     TOLERANCE_MS,
+    agreement_part,
     evaluate_part,
     onnx_predictor,
     onnx_session,
@@ -99,6 +101,16 @@ NET_OF = {
 }
 # The step that writes each net (named in the error when it is missing).
 STEP_OF = {"teacher": "train", "student": "distill", "pruned": "prune"}
+DATA = REPO / "data" / "wfdb"
+# Records without beat annotations whose ECG leads add training data, labelled by the classical detector
+# (dataset.load_silver): the first 80 % of each (as record 100's split) for training, the rest never trained on.
+EXTRA_RECORDS: tuple[tuple[Path, tuple[str, ...]], ...] = (
+    (DATA / "v102s", ("II", "V")),
+    (DATA / "a103l", ("II", "V")),
+    (DATA / "mixedsignals", ("II", "III", "V")),
+)
+# (record name, lead) whose held-out last 20 % checks the models against the classical detector.
+CROSS_RECORD = (("v102s", "II"), ("a103l", "II"))
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,9 @@ class PipelineOptions:
     pool_stride: every how many samples a distillation segment is centred (the teacher labels them once).
     prune_ratio: fraction of each layer's channels pruning removes.
     bench_rounds, bench_calls: the report's interleaved rounds, and calls of each model per round and batch size.
+    extra_records: unannotated records and leads added to training with the classical detector's beats as labels
+    (their first 80 %; `seconds` cuts them too); cross_record: (record name, lead) of those whose held-out last
+    20 % is scored as agreement with the detector.
     """
 
     work: Path = Path("build/models")
@@ -123,7 +138,7 @@ class PipelineOptions:
     teacher: NetConfig = TEACHER
     student: NetConfig = STUDENT
     teacher_epochs: int = 6
-    samples_per_epoch: int = 8192
+    samples_per_epoch: int = 16384
     student_epochs: int = 20
     finetune_epochs: int = 12
     student_samples_per_epoch: int = 16384
@@ -135,6 +150,8 @@ class PipelineOptions:
     bench_rounds: int = 30
     bench_calls: int = 10
     augmentation: Augmentation = field(default_factory=Augmentation)
+    extra_records: tuple[tuple[Path, tuple[str, ...]], ...] = EXTRA_RECORDS
+    cross_record: tuple[tuple[str, str], ...] = CROSS_RECORD
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -160,30 +177,108 @@ def _record_label(path: Path) -> str:
 
 @dataclass
 class RunData:
-    """The record and split a run uses."""
+    """The records and split a run uses: the annotated record (every score) and the extra leads labelled by
+    the classical detector (training and the cross-record check)."""
 
     record: EcgRecord
     split: Split
     seed: int
     seconds: float | None
+    extra: list[EcgRecord] = field(default_factory=list)
+    cross_record: tuple[tuple[str, str], ...] = ()
 
     @cached_property
     def description(self) -> dict[str, Any]:
         """The training data as the artifacts' metadata states it."""
-        return describe(self.record, self.split, STRIDE_SAMPLES)
+        return {**describe(self.record, self.split, STRIDE_SAMPLES), **describe_extra(self.extra, self.cross_record)}
+
+    def pool(self, window_samples: int, stride: int = 1) -> TrainingPool:
+        """Every training segment: record 100's training part and each extra lead's first 80 %."""
+        pools = [TrainingPool(self.record, self.split.train, window_samples, stride)]
+        for extra in self.extra:
+            pools.append(TrainingPool(extra, extra_training_part(extra), window_samples, stride))
+        return TrainingPool.joined(pools)
+
+    def extra_lead(self, name: str, channel: str) -> EcgRecord:
+        return next(r for r in self.extra if r.name == name and r.channel == channel)
+
+
+def extra_training_part(record: EcgRecord) -> tuple[int, int]:
+    """The first 80 % of an extra lead (as record 100's training and validation parts together)."""
+    return (0, Split.of(record.signal.size).held_out[0])
+
+
+def describe_extra(extra: list[EcgRecord], cross_record: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """What the extra training data was and how the cross-record check uses it, for the metadata."""
+    leads = []
+    for record in extra:
+        lo, hi = extra_training_part(record)
+        in_part = (record.beats >= lo) & (record.beats < hi)
+        valid = record.valid if record.valid is not None else np.ones(record.signal.size, dtype=bool)
+        leads.append(
+            {
+                "record": record.name,
+                "lead": record.channel,
+                "native_rate_hz": round(record.native_rate_hz, 3),
+                "duration_s": round(record.duration_s, 3),
+                "training_seconds": [round(lo / record.rate_hz, 3), round(hi / record.rate_hz, 3)],
+                "detector_beats_in_training_part": int(in_part.sum()),
+                "labels_hold_fraction_of_training_part": round(float(valid[lo:hi].mean()), 4),
+            }
+        )
+    return {
+        "extra_training_data": {
+            "labels": (
+                "silver labels, not annotations: the R-peaks of the project's classical detector (the fusion "
+                "service's, services/fusion/features.py: neurokit2's gradient method, both QRS polarities) on the "
+                "same preprocessed signal; segments are labelled against them as against annotated beats"
+            ),
+            "where_labels_hold": (
+                "segments wholly between two detected beats at a plausible interval (0.3-2 s, 0.55-1.6 times the "
+                "median of the 5 intervals either side) and more than 1 s from a missing sample; the rest left out"
+            ),
+            "split": (
+                "the first 80% of each lead for training (no validation part: record 100's validation part "
+                "selects every model); the last 20% never trained on"
+            ),
+            "leads": leads,
+        },
+        "cross_record_check": (
+            "agreement, not accuracy: beats of the model against the classical detector's on the held-out last 20% "
+            f"of {', '.join(f'{name} lead {lead}' for name, lead in cross_record)}, matched one to one within "
+            f"{TOLERANCE_MS:g} ms, where the detector's labels hold"
+        ),
+    }
+
+
+def _load_extra(extra_records: list[tuple[str, list[str]]], seconds: float | None) -> list[EcgRecord]:
+    leads = []
+    for path, channels in extra_records:
+        record_path = Path(path) if Path(path).is_absolute() else REPO / path
+        for channel in channels:
+            leads.append(load_silver(record_path, channel, seconds))
+    return leads
 
 
 def _data(options: PipelineOptions) -> RunData:
-    """Loads the record as `train` fixed it in run.json (or, for `train`, as the options say)."""
+    """Loads the records as `train` fixed them in run.json (or, for `train`, as the options say)."""
     run_file = options.work / "run.json"
     if run_file.is_file():
         run = json.loads(run_file.read_text())
         record_path = Path(run["record_path"])
         record_path = record_path if record_path.is_absolute() else REPO / record_path
         record = load_record(record_path, run["channel"], run["seconds"])
-        return RunData(record, Split.of(record.signal.size), int(run["seed"]), run["seconds"])
+        extra = _load_extra(run.get("extra_records", []), run["seconds"])
+        cross = tuple((str(n), str(c)) for n, c in run.get("cross_record", []))
+        return RunData(record, Split.of(record.signal.size), int(run["seed"]), run["seconds"], extra, cross)
     record = load_record(options.record, options.channel, options.seconds)
-    return RunData(record, Split.of(record.signal.size), options.seed, options.seconds)
+    extra = _load_extra(_extra_json(options), options.seconds)
+    split = Split.of(record.signal.size)
+    return RunData(record, split, options.seed, options.seconds, extra, options.cross_record)
+
+
+def _extra_json(options: PipelineOptions) -> list[tuple[str, list[str]]]:
+    return [(_record_label(path), list(channels)) for path, channels in options.extra_records]
 
 
 def save_net(work: Path, name: str, net: BeatNet, info: dict[str, Any]) -> None:
@@ -235,14 +330,18 @@ def step_train(options: PipelineOptions, progress: Progress = stderr_progress) -
             "channel": options.channel,
             "seconds": options.seconds,
             "seed": options.seed,
+            "extra_records": _extra_json(options),
+            "cross_record": [list(pair) for pair in options.cross_record],
         },
     )
+    pool = data.pool(options.teacher.window_samples)
     progress(
         f"train: record {data.record.name} lead {data.record.channel}, {data.record.duration_s:.0f} s, "
-        f"{data.record.beats.size} beats; teacher widths {list(options.teacher.widths)}"
+        f"{data.record.beats.size} beats; {len(data.extra)} extra leads labelled by the classical detector; "
+        f"{len(pool)} training segments; teacher widths {list(options.teacher.widths)}"
     )
     settings = _train_settings(options, options.teacher_epochs, options.samples_per_epoch, 0, 2e-3)
-    result = train_teacher(options.teacher, data.record, data.split, settings, progress)
+    result = train_teacher(options.teacher, data.record, data.split, settings, progress, pool)
     info = {"training": {**result.summary(), "loss": "cross-entropy, balanced batches", **_settings_json(settings)}}
     save_net(options.work, "teacher", result.net, info)
     return info
@@ -259,7 +358,7 @@ def _settings_json(settings: TrainSettings) -> dict[str, Any]:
             "amplitude_scale": f"exp(U(-{settings.augmentation.scale:g}, {settings.augmentation.scale:g}))",
             "offset_mv": settings.augmentation.offset_mv,
             "noise_mv": settings.augmentation.noise_mv,
-            "time_shift": "any segment centre of the training part",
+            "time_shift": "any segment centre of the training parts",
         },
         "seed": settings.seed,
     }
@@ -267,7 +366,7 @@ def _settings_json(settings: TrainSettings) -> dict[str, Any]:
 
 def _pool_and_targets(options: PipelineOptions, data: RunData, progress: Progress) -> tuple[TrainingPool, np.ndarray]:
     """The distillation pool and the teacher's logits for it (computed once, kept in soft_targets.npz)."""
-    pool = TrainingPool(data.record, data.split.train, options.teacher.window_samples, options.pool_stride)
+    pool = data.pool(options.teacher.window_samples, options.pool_stride)
     cache = options.work / "soft_targets.npz"
     if cache.is_file():
         stored = np.load(cache)
@@ -391,7 +490,7 @@ def step_export(options: PipelineOptions, progress: Progress = stderr_progress) 
             raise RuntimeError(f"ONNX Runtime and torch disagree on the {name}: {check}")
         checks[name] = check
         progress(f"export: {name}.onnx, largest |ONNX - torch| logit difference {check['max_abs_diff_logits']:.2e}")
-    pool = TrainingPool(data.record, data.split.train, WINDOW_SAMPLES)
+    pool = data.pool(WINDOW_SAMPLES)
     calibration = pool.cut(pool.balanced(options.calibration_segments, np.random.default_rng(options.seed + 3)))
     for name in ("pruned", "teacher"):
         int8_path = options.work / f"{name}-int8.onnx"
@@ -493,12 +592,17 @@ def step_evaluate(options: PipelineOptions, progress: Progress = stderr_progress
     results: list[dict[str, Any]] = []
     for (variant, runtime), model in predictors(options).items():
         scores = evaluate_part(data.record, data.split.held_out, _predict(model), WINDOW_SAMPLES)
-        results.append({"variant": variant, "runtime": runtime, "held_out": scores})
+        cross = cross_record_scores(data, _predict(model))
+        results.append({"variant": variant, "runtime": runtime, "held_out": scores, "cross_record": cross})
         seg, beat = scores["segment"], scores["beat"]
+        agreement = "; ".join(
+            f"{key} agreement Se {a['sensitivity']:.4f} PPV {a['positive_predictivity']:.4f}"
+            for key, a in cross.items()
+        )
         progress(
             f"evaluate: {variant:<12} {runtime:<11} segment macro-F1 {seg['macro_f1']:.4f} Se "
             f"{seg['sensitivity']:.4f} PPV {seg['positive_predictivity']:.4f}; beats Se {beat['sensitivity']:.4f} "
-            f"PPV {beat['positive_predictivity']:.4f} ({beat['tp']} of {beat['reference_beats']})"
+            f"PPV {beat['positive_predictivity']:.4f} ({beat['tp']} of {beat['reference_beats']}); {agreement}"
         )
     evaluation = {"split": data.description, "results": results}
     _write_json(options.work / "evaluation.json", evaluation)
@@ -506,8 +610,21 @@ def step_evaluate(options: PipelineOptions, progress: Progress = stderr_progress
         scores = next(r["held_out"] for r in results if r["variant"] == variant and r["runtime"] == runtime)
         net_info = load_net(options.work, NET_OF[variant])
         validation = net_info[1].get("training", {}).get("validation_macro_f1")
-        publish(options, data, variant, net_info, metrics={"held_out": scores, "validation_macro_f1": validation})
+        cross = next(r["cross_record"] for r in results if r["variant"] == variant and r["runtime"] == runtime)
+        metrics = {"held_out": scores, "validation_macro_f1": validation, "cross_record_agreement": cross}
+        publish(options, data, variant, net_info, metrics=metrics)
     return evaluation
+
+
+def cross_record_scores(data: RunData, predict: Any) -> dict[str, Any]:
+    """Agreement of a model's beats with the classical detector's on each cross-record lead's held-out last
+    20 %, keyed "record lead"."""
+    out: dict[str, Any] = {}
+    for name, channel in data.cross_record:
+        lead = data.extra_lead(name, channel)
+        bounds = (extra_training_part(lead)[1], lead.signal.size)
+        out[f"{name} {channel}"] = agreement_part(lead, bounds, predict, WINDOW_SAMPLES)
+    return out
 
 
 def step_report(options: PipelineOptions, progress: Progress = stderr_progress) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Row:
     macs: int
     file_bytes: int
     scores: dict[str, Any]
+    cross_record: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -88,9 +89,13 @@ def build_rows(
         net = nets[net_of[variant]]
         macs, _ = macs_and_parameters(net)
         file = work / (f"{variant}.onnx" if runtime == "onnxruntime" else f"{net_of[variant]}.pt")
-        scores = next(r["held_out"] for r in results if r["variant"] == variant and r["runtime"] == runtime)
+        result = next(r for r in results if r["variant"] == variant and r["runtime"] == runtime)
         precision = "int8" if variant.endswith("int8") else "fp32"
-        rows.append(Row(variant, runtime, precision, model, count_parameters(net), macs, file.stat().st_size, scores))
+        size = file.stat().st_size
+        cross = result.get("cross_record", {})
+        rows.append(
+            Row(variant, runtime, precision, model, count_parameters(net), macs, size, result["held_out"], cross)
+        )
     return rows
 
 
@@ -143,6 +148,7 @@ def benchmark(
             "file_bytes": row.file_bytes,
             "energy_source": meter.source,
             "held_out": row.scores,
+            "cross_record": row.cross_record,
         }
         for b in batch_sizes:
             windows = rounds * calls * b
@@ -222,6 +228,7 @@ def markdown(figures: list[dict[str, Any]], evaluation: dict[str, Any]) -> str:
         f"segments (every {split.get('segment_stride_samples', '?')} samples; "
         f"{held.get('segments_dont_care', '?')} don't care left out).",
         "",
+        *_extra_data_lines(split.get("extra_training_data")),
         "| model | runtime | params | MACs | file | latency b1 (ms) | latency b32 (ms / batch) | b32 per window (us) "
         "| CPU per window b1 / b32 (us) | energy per window b1 / b32 (uJ) | segment macro-F1 | segment Se | "
         "segment PPV | beat Se | beat PPV |",
@@ -239,6 +246,7 @@ def markdown(figures: list[dict[str, Any]], evaluation: dict[str, Any]) -> str:
             f"{100 * seg['sensitivity']:.2f} % | {100 * seg['positive_predictivity']:.2f} % | "
             f"{100 * beat['sensitivity']:.2f} % | {100 * beat['positive_predictivity']:.2f} % |"
         )
+    lines += _cross_record_table(figures, evaluation)
     summary = headline(figures)
     lines += ["", "## Against the targets", ""]
     for variant, h in summary["targets"].items():
@@ -277,6 +285,59 @@ def markdown(figures: list[dict[str, Any]], evaluation: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _extra_data_lines(extra: dict[str, Any] | None) -> list[str]:
+    """What the report says of the training data beyond the annotated record."""
+    if not extra or not extra.get("leads"):
+        return []
+    leads = ", ".join(
+        f"{lead['record']} {lead['lead']} (seconds {lead['training_seconds'][0]:g}-{lead['training_seconds'][1]:g}, "
+        f"{lead['detector_beats_in_training_part']} detector beats, labels hold on "
+        f"{100 * lead['labels_hold_fraction_of_training_part']:.0f} %)"
+        for lead in extra["leads"]
+    )
+    return [
+        f"Also trained on, with no annotations: {leads}. Their labels are {extra['labels']}; used only in "
+        f"{extra['where_labels_hold']}. Split: {extra['split']}. No accuracy figure below comes from them.",
+        "",
+    ]
+
+
+def _cross_record_table(figures: list[dict[str, Any]], evaluation: dict[str, Any]) -> list[str]:
+    """The second table: each model's beats against the classical detector's on other records' held-out parts
+    (agreement, not accuracy)."""
+    keys = list(figures[0].get("cross_record", {})) if figures else []
+    if not keys:
+        return []
+    first = figures[0]["cross_record"]
+    parts = ", ".join(
+        f"{key} seconds {first[key]['seconds'][0]:g}-{first[key]['seconds'][1]:g} ({first[key]['reference_beats']} "
+        f"detector beats; the detector's labels hold on {100 * first[key]['labels_hold_fraction']:.0f} % of it)"
+        for key in keys
+    )
+    lines = [
+        "",
+        "## Other records: agreement with the classical detector (not accuracy)",
+        "",
+        "No annotations exist for these records. The models' beats (slid every 4 samples, detect_beats as above) "
+        "are matched one to one within 150 ms to the R-peaks of the project's classical detector "
+        "(services/fusion/features.py) on the held-out last 20 % of each lead, which no model was trained on; "
+        "beats of either side are counted only where the detector's labels hold (away from missing samples, "
+        f"between beats at plausible intervals): {parts}. Se here = share of the detector's beats the model "
+        "finds too, PPV = share of the model's beats the detector finds too; where they disagree either may be "
+        "wrong.",
+        "",
+        "| model | runtime | " + " | ".join(f"{k} agreement Se | {k} agreement PPV" for k in keys) + " |",
+        "| --- | --- | " + " | ".join("---: | ---:" for _ in keys) + " |",
+    ]
+    for f in figures:
+        agreement = [f["cross_record"][k] for k in keys]
+        cells = " | ".join(
+            f"{100 * a['sensitivity']:.2f} % | {100 * a['positive_predictivity']:.2f} %" for a in agreement
+        )
+        lines.append(f"| {LABELS[f['variant']]} | {RUNTIME_LABELS[f['runtime']]} {f['precision']} | {cells} |")
+    return lines
 
 
 def _ort_version() -> str:

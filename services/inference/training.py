@@ -7,10 +7,10 @@ Every run is reproducible from its seed: torch's and numpy's generators are seed
 algorithms, and the number of intra-op threads is fixed (a sum split over another number of threads rounds
 differently).
 
-Training segments are cut on the fly from the training part of the signal (any centre: small time shifts for
-free) and augmented: amplitude scaling, a small offset and white noise, as electrode contact, gain and a
-restarted filter change them. Each epoch draws as many "beat" as "no_beat" segments (balanced sampling), so
-neither class weights nor a shifted threshold are needed.
+Training segments are cut on the fly from the training parts of the signals (any centre: small time shifts for
+free) and augmented: amplitude scaling (0.5-2x: leads, devices and people differ in gain), a small offset and
+white noise, as electrode contact, gain and a restarted filter change them. Each epoch draws as many "beat" as
+"no_beat" segments (balanced sampling), so neither class weights nor a shifted threshold are needed.
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ def seed_everything(seed: int, threads: int = 1) -> None:
 class Augmentation:
     """Random changes applied to each training segment (0 turns one off).
 
-    scale: amplitude multiplied by exp(U(-scale, scale)). offset_mv: U(-offset, offset) added. noise_mv: white
-    noise of a standard deviation drawn from U(0, noise_mv).
+    scale: amplitude multiplied by exp(U(-scale, scale)) (the default ln 2: 0.5-2x). offset_mv: U(-offset,
+    offset) added. noise_mv: white noise of a standard deviation drawn from U(0, noise_mv).
     """
 
-    scale: float = 0.25
-    offset_mv: float = 0.05
-    noise_mv: float = 0.02
+    scale: float = math.log(2.0)
+    offset_mv: float = 0.1
+    noise_mv: float = 0.03
 
     def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = x.shape[0]
@@ -96,18 +96,33 @@ class Distillation:
 
 class TrainingPool:
     """The labelled training segments of a record as centres, cut out batch by batch (a copy of every segment
-    would take hundreds of MB)."""
+    would take hundreds of MB). Segments that reach a sample whose labels do not hold (EcgRecord.valid) are
+    left out. `joined` makes one pool of several records' pools."""
 
     def __init__(self, record: EcgRecord, bounds: tuple[int, int], window_samples: int, stride: int = 1) -> None:
         lo, hi = bounds
         half = window_samples // 2
         centres = np.arange(lo + half, hi - window_samples + half + 1, stride, dtype=np.int64)
         labels = label_centres(centres, record.beats, record.rate_hz)
-        keep = labels != IGNORE
+        keep = (labels != IGNORE) & record.valid_segments(centres, window_samples)
         self.signal = record.signal
         self.window_samples = window_samples
         self.centres = centres[keep]
         self.labels = labels[keep].astype(np.int64)
+
+    @classmethod
+    def joined(cls, pools: list[TrainingPool]) -> TrainingPool:
+        """One pool holding every entry of `pools` (same window), in their order: their signals end to end,
+        each pool's centres shifted by the length of the signals before it."""
+        if not pools or len({p.window_samples for p in pools}) != 1:
+            raise ValueError("joined needs at least one pool, all of the same window")
+        joined = cls.__new__(cls)
+        offsets = np.cumsum([0] + [p.signal.size for p in pools[:-1]])
+        joined.signal = np.concatenate([p.signal for p in pools])
+        joined.window_samples = pools[0].window_samples
+        joined.centres = np.concatenate([p.centres + o for p, o in zip(pools, offsets, strict=True)])
+        joined.labels = np.concatenate([p.labels for p in pools])
+        return joined
 
     def __len__(self) -> int:
         return int(self.centres.size)
@@ -227,12 +242,18 @@ def _fit(
 
 
 def train_teacher(
-    config: NetConfig, record: EcgRecord, split: Split, settings: TrainSettings, progress: Progress = stderr_progress
+    config: NetConfig,
+    record: EcgRecord,
+    split: Split,
+    settings: TrainSettings,
+    progress: Progress = stderr_progress,
+    pool: TrainingPool | None = None,
 ) -> TrainResult:
-    """Trains a net from the labels alone (cross-entropy on balanced batches)."""
+    """Trains a net from the labels alone (cross-entropy on balanced batches) on `pool` (None: the training
+    part of `record`); the validation part of `record` selects the epoch."""
     torch.manual_seed(settings.seed)
     net = BeatNet(config)
-    pool = TrainingPool(record, split.train, config.window_samples)
+    pool = pool or TrainingPool(record, split.train, config.window_samples)
 
     def loss_of(logits: torch.Tensor, index: np.ndarray, labels: np.ndarray) -> torch.Tensor:
         return F.cross_entropy(logits, torch.from_numpy(labels))

@@ -101,6 +101,15 @@ def test_the_repository_holds_four_valid_artifacts(run: Run) -> None:
         data = meta.training_data
         assert "last 20% held out" in data["split"] and data["parts"]["held_out"]["annotated_beats"] > 0
         assert "training" in data
+        # Beyond record 100: the other records' leads, labelled by the classical detector (said so), first 80 %.
+        extra = data["extra_training_data"]
+        assert "not annotations" in extra["labels"] and "first 80%" in extra["split"]
+        assert {(lead["record"], lead["lead"]) for lead in extra["leads"]} >= {("v102s", "II"), ("a103l", "V")}
+        assert all(lead["training_seconds"][1] <= 0.8 * lead["duration_s"] + 0.01 for lead in extra["leads"])
+        assert "agreement, not accuracy" in data["cross_record_check"]
+        agreement = meta.metrics["cross_record_agreement"]
+        assert set(agreement) == {"v102s II", "a103l II"}
+        assert all(a["reference"] == "classical detector" for a in agreement.values())
         # Nothing names the machine it was built on (the ONNX exporter records stack traces unless stripped).
         for file_path in (repository.get(name).folder / "metadata.json", repository.get(name).path):
             content = file_path.read_bytes()
@@ -147,9 +156,13 @@ def test_onnx_agrees_with_torch_and_int8_mostly_with_fp32(run: Run) -> None:
 def test_report_writes_the_table_the_plot_and_the_figures(run: Run) -> None:
     folder = run.options.repository
     report = (folder / "REPORT.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    first = report.split("## Other records")[0]
+    table = [line for line in first.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == 1 + len(MEASURED)
     assert "energy per window" in table[0] and "beat PPV" in table[0]
+    assert "## Other records: agreement with the classical detector (not accuracy)" in report
+    agreement = [line for line in report.splitlines() if line.startswith("| ") and "agreement Se" in line]
+    assert agreement and "v102s II agreement Se" in agreement[0] and "a103l II agreement PPV" in agreement[0]
     assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((folder / "report.json").read_text())
     assert len(data["figures"]) == len(MEASURED)
