@@ -45,4 +45,6 @@ def test_bench_inference_compares_variants_and_calls_model_infer(tmp_path, capsy
     for name in (inference_bench.SERVED, inference_bench.TEACHER):
         figures = results["model_infer"][name]
         assert figures["calls"] == 50 and figures["p99_ms"] >= figures["p50_ms"] > 0
-    assert "ModelInfer ecg-beat-pruned at batch 1" in printed
+    # The empty call on the same channel is measured beside them, as the floor of any gRPC call.
+    assert results["model_infer"][inference_bench.EMPTY_CALL]["calls"] == 50
+    assert "ModelInfer ecg-beat-pruned at batch 1" in printed and "over the empty call" in printed
