@@ -17,10 +17,12 @@ ModelInfer p99 <= 2 ms for the served model.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +173,16 @@ def compute_leg(args: argparse.Namespace, models: list[str], console: Any) -> tu
     return list(runs.values()), meter.source
 
 
+def _infer(request: Any, stub: Any) -> Any:
+    return stub.ModelInfer(request, timeout=10)
+
+
+def _server_live(stub: Any) -> Any:
+    from inference import grpc_predict_v2_pb2 as pb
+
+    return stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+
+
 def serving_leg(args: argparse.Namespace, models: list[str], console: Any) -> dict[str, dict[str, float]]:
     """ModelInfer at batch 1 from this process to the service in its own process on 127.0.0.1."""
     import grpc
@@ -209,8 +221,8 @@ def serving_leg(args: argparse.Namespace, models: list[str], console: Any) -> di
         service.start(timeout_s=120)
         # The empty ServerLive call on the same channel, interleaved with the models: the floor any gRPC call
         # pays on this machine (client, loopback, server), against which ModelInfer's own cost shows.
-        calls = {name: (lambda stub, r=requests[name]: stub.ModelInfer(r, timeout=10)) for name in models}
-        calls[EMPTY_CALL] = lambda stub: stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+        calls: dict[str, Callable[[Any], Any]] = {name: functools.partial(_infer, requests[name]) for name in models}
+        calls[EMPTY_CALL] = _server_live
         latencies: dict[str, list[float]] = {name: [] for name in calls}
         try:
             with grpc.insecure_channel(service.target) as channel:
