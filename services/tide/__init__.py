@@ -1,0 +1,1 @@
+"""Tide Engine: replicated key-value state over a Kafka command log, with no leader."""

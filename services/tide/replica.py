@@ -1,0 +1,292 @@
+"""A Tide replica: applies every partition of the command log in order and answers writes and reads.
+
+No consumer group: the replica assigns itself every partition and keeps its own positions (its applied
+offsets, snapshotted to local disk). A write appends a Command and returns once this replica applied it
+(matched by command id), so the answer is the outcome every replica computes for that record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import OffsetOutOfRangeError
+from aiokafka.partitioner import murmur2
+from aiokafka.structs import TopicPartition
+from prometheus_client import Counter, Gauge
+
+from clisonix.tide.v1 import tide_pb2
+from services.common.errors import ClisonixError, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from services.common.events import UndecodableEvent, decode_event, event_headers
+from services.common.kafka import EventProducer
+from services.common.metrics import PREFIX, ServiceMetrics
+from services.tide import snapshots
+from services.tide.codec import command_from_proto, command_to_proto
+from services.tide.settings import TideSettings
+from services.tide.state import Change, Command, Result, TideState, Version, check_command
+
+log = logging.getLogger(__name__)
+
+SOURCE = "//clisonix/tide"
+
+
+@dataclass(frozen=True)
+class TideMetrics:
+    """Tide's own metrics. The `partition` label is bounded: the command log has a fixed, small partition count.
+
+    applied_offset{partition}: the next offset to apply. digest_prefix{partition}: the first 48 bits of the
+    partition's state digest (equal offsets must show equal values across replicas). log_behind_snapshot: 1
+    when the log is younger than this replica's state (broker restarted empty, topic recreated).
+    commands_total{outcome}: commands applied, by outcome (applied, cas_conflict, not_found, invalid, duplicate).
+    """
+
+    applied_offset: Gauge
+    digest_prefix: Gauge
+    log_behind_snapshot: Gauge
+    commands_total: Counter
+    snapshots_total: Counter
+
+    @classmethod
+    def create(cls, metrics: ServiceMetrics) -> TideMetrics:
+        registry = metrics.registry
+        return cls(
+            applied_offset=Gauge(
+                f"{PREFIX}_tide_applied_offset", "Next command-log offset to apply", ["partition"], registry=registry
+            ),
+            digest_prefix=Gauge(
+                f"{PREFIX}_tide_digest_prefix", "First 48 bits of the state digest", ["partition"], registry=registry
+            ),
+            log_behind_snapshot=Gauge(
+                f"{PREFIX}_tide_log_behind_snapshot", "1 when the log is younger than the state", registry=registry
+            ),
+            commands_total=Counter(
+                f"{PREFIX}_tide_commands", "Commands applied by outcome", ["outcome"], registry=registry
+            ),
+            snapshots_total=Counter(f"{PREFIX}_tide_snapshots", "Snapshots written", registry=registry),
+        )
+
+
+class Replica:
+    """The state, the consumer that feeds it, and the producer that appends commands.
+
+    consumer: a started AIOKafkaConsumer with no group and auto_offset_reset="none" (an out-of-range position
+    must be noticed, never silently reset). producer: appends commands.
+    """
+
+    def __init__(
+        self,
+        settings: TideSettings,
+        consumer: AIOKafkaConsumer,
+        producer: EventProducer,
+        metrics: TideMetrics,
+        state: TideState | None = None,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.producer = producer
+        self.metrics = metrics
+        self.state = state or TideState(settings.limits(), settings.feed_length, settings.dedupe_length)
+        self.partitions: list[int] = []
+        # command id -> futures of writes waiting for their record to be applied here.
+        self._waiters: dict[str, list[asyncio.Future[Result]]] = {}
+        self._applied = asyncio.Condition()
+        # Set when the log is behind the state: the replica stops applying and reports it.
+        self.diverged: str | None = None
+        self.diverged_event = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    async def assign(self, timeout_s: float = 30.0) -> None:
+        """Assigns every partition of the log and seeks each to the state's applied offset."""
+        topic = self.settings.topic_log
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self.consumer.topics()  # refreshes metadata
+            found = self.consumer.partitions_for_topic(topic)
+            if found:
+                break
+            if time.monotonic() > deadline:
+                raise Unavailable(f"topic {topic} has no partitions", reason="no_topic")
+            await asyncio.sleep(0.1)
+        self.partitions = sorted(found)
+        tps = [TopicPartition(topic, p) for p in self.partitions]
+        self.consumer.assign(tps)
+        for tp in tps:
+            self.consumer.seek(tp, self.state.partition(tp.partition).applied)
+        self.ready.set()
+
+    def partition_for(self, key: str) -> int:
+        """The partition of `key`: Kafka's default partitioner (murmur2), which the producer is told explicitly."""
+        if not self.partitions:
+            raise Unavailable("replica not ready", reason="not_ready")
+        return self.partitions[(murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % len(self.partitions)]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Applies records until `stop` is set."""
+        while not stop.is_set():
+            if self.diverged is not None:
+                await stop.wait()
+                return
+            try:
+                batches = await self.consumer.getmany(timeout_ms=100, max_records=1000)
+            except OffsetOutOfRangeError as exc:
+                self._diverge(f"applied offsets are past the log's end: {exc}")
+                continue
+            for tp, records in sorted(batches.items(), key=lambda item: item[0].partition):
+                for record in records:
+                    self._apply(record)
+                self.metrics.applied_offset.labels(str(tp.partition)).set(self.state.applied(tp.partition))
+            if batches:
+                async with self._applied:
+                    self._applied.notify_all()
+            self._check_highwater()
+
+    def _check_highwater(self) -> None:
+        for p in self.partitions:
+            highwater = self.consumer.highwater(TopicPartition(self.settings.topic_log, p))
+            if highwater is not None and highwater < self.state.applied(p):
+                self._diverge(f"partition {p} ends at {highwater}, before the applied offset {self.state.applied(p)}")
+
+    def _diverge(self, why: str) -> None:
+        if self.diverged is None:
+            self.diverged = why
+            self.diverged_event.set()
+            self.metrics.log_behind_snapshot.set(1)
+            log.error("command log is younger than the replica's state", extra={"fields": {"detail": why}})
+
+    def _apply(self, record: ConsumerRecord) -> None:
+        p, offset = record.partition, record.offset
+        if offset < self.state.applied(p):
+            self._diverge(f"record at offset {offset} of partition {p} was already applied")
+            return
+        try:
+            message, _ = decode_event(tide_pb2.Command, record.value, record.headers)
+            command = command_from_proto(message)
+            result = self.state.apply(p, offset, command)
+        except (UndecodableEvent, ClisonixError) as exc:
+            self.state.skip(p, offset)
+            self.metrics.commands_total.labels("invalid").inc()
+            log.warning("command skipped", extra={"fields": {"partition": p, "offset": offset, "error": str(exc)}})
+            return
+        duplicate = result.version != Version(p, offset)
+        self.metrics.commands_total.labels("duplicate" if duplicate else result.outcome.name.lower()).inc()
+        for future in self._waiters.pop(command.command_id, []):
+            if not future.done():
+                future.set_result(result)
+
+    async def write(self, command: Command) -> Result:
+        """Appends `command` and returns its result once this replica applied it.
+
+        Raises DeadlineExceeded after settings.write_timeout_seconds (the outcome is then unknown: retry with the
+        same command id, which answers the first record's result).
+        """
+        if self.diverged is not None:
+            raise Unavailable("replica's state is ahead of the log", reason="log_behind_snapshot")
+        check_command(command, self.state.limits)
+        partition = self.partition_for(command.key)
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(command.command_id, []).append(future)
+        try:
+            message = command_to_proto(command)
+            headers = event_headers(message, SOURCE, event_id=command.command_id)
+            async with asyncio.timeout(self.settings.write_timeout_seconds):
+                await self.producer.producer.send_and_wait(
+                    self.settings.topic_log,
+                    message.SerializeToString(),
+                    key=command.key.encode("utf-8"),
+                    partition=partition,
+                    headers=headers,
+                )
+                return await future
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                "write not applied in time; retry with the same command_id", reason="write_timeout"
+            ) from exc
+        finally:
+            waiting = self._waiters.get(command.command_id)
+            if waiting is not None and future in waiting:
+                waiting.remove(future)
+                if not waiting:
+                    del self._waiters[command.command_id]
+
+    async def wait_applied(self, versions: list[Version]) -> None:
+        """Waits until every version's record is applied here; DeadlineExceeded after read_wait_seconds."""
+
+        def reached() -> bool:
+            return all(self.state.applied(v.partition) > v.offset for v in versions)
+
+        unknown = {v.partition for v in versions} - set(self.partitions)
+        if unknown:
+            raise InvalidArgument(f"no partitions {sorted(unknown)} in the log", reason="bad_partition")
+        if reached():
+            return
+        if self.diverged is not None:
+            raise Unavailable("replica's state is ahead of the log", reason="log_behind_snapshot")
+        try:
+            async with asyncio.timeout(self.settings.read_wait_seconds), self._applied:
+                await self._applied.wait_for(reached)
+        except TimeoutError as exc:
+            raise DeadlineExceeded("replica has not applied the requested version yet", reason="min_version") from exc
+
+    async def watch(self, prefix: str, from_versions: list[Version]) -> AsyncIterator[Change]:
+        """Changes under `prefix` in log order per partition, from the given positions (others: from now)."""
+        start = {v.partition: v.offset for v in from_versions}
+        unknown = set(start) - set(self.partitions)
+        if unknown:
+            raise FailedPrecondition(f"no partitions {sorted(unknown)} in the log", reason="bad_partition")
+        cursor = {p: start.get(p, self.state.applied(p)) for p in self.partitions}
+        while True:
+            for p in self.partitions:
+                changes = list(self.state.changes(p, cursor[p], prefix))
+                cursor[p] = max(cursor[p], self.state.applied(p))
+                for change in changes:
+                    yield change
+            async with self._applied:
+                await self._applied.wait_for(lambda: any(self.state.applied(p) > cursor[p] for p in self.partitions))
+
+    def save_snapshot(self) -> None:
+        """Writes the snapshot now, if the settings name a file and the state is trustworthy."""
+        path = self.settings.snapshot_path
+        if path is None or self.diverged is not None:
+            return
+        snapshots.save(self.state, path, self.settings.topic_log)
+        self.metrics.snapshots_total.inc()
+
+    async def save_snapshot_in_background(self) -> None:
+        """Like save_snapshot, but only the copy of the state runs on the event loop; the file is written in a
+        worker thread, so requests keep being served meanwhile."""
+        path = self.settings.snapshot_path
+        if path is None or self.diverged is not None:
+            return
+        rows = snapshots.capture(self.state)
+        await asyncio.to_thread(snapshots.write, rows, path, self.settings.topic_log)
+        self.metrics.snapshots_total.inc()
+
+    def refresh_metrics(self) -> None:
+        for p, (applied, digest) in self.state.digests().items():
+            self.metrics.applied_offset.labels(str(p)).set(applied)
+            self.metrics.digest_prefix.labels(str(p)).set(int(digest[:12], 16))
+
+    async def run_periodic(self, stop: asyncio.Event) -> None:
+        """Refreshes the digest gauges and rewrites the snapshot at their intervals until `stop` is set."""
+        last_snapshot = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.metrics_interval_seconds)
+            self.refresh_metrics()
+            if time.monotonic() - last_snapshot >= self.settings.snapshot_interval_seconds:
+                last_snapshot = time.monotonic()
+                try:
+                    await self.save_snapshot_in_background()
+                except OSError:
+                    log.exception("snapshot failed")
+
+
+def new_command_id() -> str:
+    """A fresh command id for a request that brought none."""
+    return uuid.uuid4().hex

@@ -1,0 +1,106 @@
+"""Wires a Tide replica: snapshot, command-log consumer (no group) and producer, gRPC, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka import AIOKafkaConsumer
+from grpc_health.v1 import health_pb2
+
+from services.common.kafka import consumer_options, ensure_topics, kafka_producer
+from services.common.rpc import GrpcServer
+from services.common.runtime import ServiceRuntime
+from services.tide import snapshots
+from services.tide.api import SERVICE_NAME, TideServicer, register
+from services.tide.replica import SOURCE, Replica, TideMetrics
+from services.tide.settings import TideSettings
+from services.tide.state import TideState
+
+log = logging.getLogger(__name__)
+
+
+class TideService:
+    """The running replica. `await start()`, then `await runtime.lifecycle.run_until_stopped()`.
+
+    With settings.auth_token set, every TideService method (reads too: the state may hold health data) needs it.
+    """
+
+    def __init__(self, settings: TideSettings, runtime: ServiceRuntime | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime or ServiceRuntime(settings)
+        self.grpc: GrpcServer | None = None
+        self.replica: Replica | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def grpc_port(self) -> int:
+        assert self.grpc is not None, "not started"
+        return self.grpc.port
+
+    async def start(self) -> None:
+        settings = self.settings
+        runtime = self.runtime
+        stack = runtime.lifecycle.stack
+        await runtime.start()
+        if settings.create_topics:
+            await ensure_topics(settings, [settings.topic_log])
+        state = TideState(settings.limits(), settings.feed_length, settings.dedupe_length)
+        restored = None
+        if settings.snapshot_path is not None:
+            restored = snapshots.load(settings.snapshot_path, settings.topic_log, state)
+        log.info("tide state", extra={"fields": {"from_snapshot": restored is not None}})
+        producer = await stack.enter_async_context(kafka_producer(settings, SOURCE))
+        # No group and no silent reset: a position past the log's end means the log lost what the state holds.
+        consumer = AIOKafkaConsumer(**{**consumer_options(settings, None), "auto_offset_reset": "none"})
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        replica = self.replica = Replica(settings, consumer, producer, TideMetrics.create(runtime.metrics), state)
+        await replica.assign()
+        stop = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(replica.run(stop), name="tide-apply"),
+            asyncio.create_task(replica.run_periodic(stop), name="tide-periodic"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
+
+        async def stop_replica() -> None:
+            stop.set()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            try:
+                replica.save_snapshot()
+            except OSError:
+                log.exception("final snapshot failed")
+
+        stack.push_async_callback(stop_replica)
+        self.grpc = GrpcServer(settings, [SERVICE_NAME], register(TideServicer(replica)))
+        await runtime.serve_grpc(self.grpc)
+        report = asyncio.create_task(self._report_divergence(), name="tide-divergence")
+
+        async def stop_report() -> None:
+            report.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await report
+
+        stack.push_async_callback(stop_report)
+        fields = {"grpc_port": self.grpc.port, "topic": settings.topic_log, "partitions": replica.partitions}
+        log.info("tide ready", extra={"fields": fields})
+
+    async def _report_divergence(self) -> None:
+        """Health NOT_SERVING for TideService once the log is found younger than the state."""
+        assert self.replica is not None and self.grpc is not None
+        await self.replica.diverged_event.wait()
+        await self.grpc.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("tide task failed", exc_info=task.exception())
+            self.runtime.lifecycle.stop.set()  # a replica that stopped applying must not look healthy
+
+    async def stop(self) -> None:
+        self.runtime.lifecycle.stop.set()
+        await self.runtime.lifecycle.shutdown()

@@ -1,0 +1,283 @@
+"""The Tide apply function: replicated key-value state built by applying the command log in order.
+
+Pure logic (no gRPC, no Kafka): every replica feeds each partition's records of clisonix.tide.log.v1 to
+`TideState.apply` in log order, so replicas that applied the same offsets hold the same state and gave the same
+outcome for every command. A key's version is the position of the record that last wrote it,
+`Version(partition, offset)`.
+
+Compare-and-set: `Cas(expected=Version(...))` applies only if the key exists with exactly that version at that
+point of the log; "expected absent" is spelled `Cas(expect_absent=True)` and applies only if the key does not
+exist (never written, or deleted). A missing key has no version, so no `expected` version ever matches it.
+
+Idempotent retries: the first record with a given command id in a partition is applied; a later record with
+the same id (a client retry) changes nothing and answers the first record's result. The table of seen ids is
+part of the state (bounded, oldest evicted first, so eviction is deterministic too).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+
+DEFAULT_MAX_KEY_BYTES = 1024
+DEFAULT_MAX_VALUE_BYTES = 1_048_576
+DEFAULT_MAX_CONTENT_TYPE_BYTES = 256
+DEFAULT_FEED_LENGTH = 10_000
+DEFAULT_DEDUPE_LENGTH = 100_000
+DIGEST_DOMAIN = b"clisonix.tide.digest.v1"
+
+
+class Version(NamedTuple):
+    """Where a record sits in the command log."""
+
+    partition: int
+    offset: int
+
+
+class Outcome(enum.IntEnum):
+    """What a command did; the numbers are those of clisonix.tide.v1.Outcome."""
+
+    APPLIED = 1
+    CAS_CONFLICT = 2
+    NOT_FOUND = 3
+
+
+@dataclass(frozen=True)
+class Put:
+    value: bytes
+    content_type: str = ""
+
+
+@dataclass(frozen=True)
+class Cas:
+    """Compare-and-set: exactly one of `expected` and `expect_absent` states the expectation."""
+
+    value: bytes
+    content_type: str = ""
+    expected: Version | None = None
+    expect_absent: bool = False
+
+
+@dataclass(frozen=True)
+class Delete:
+    pass
+
+
+Op = Put | Cas | Delete
+
+
+@dataclass(frozen=True)
+class Command:
+    command_id: str
+    key: str
+    op: Op
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes
+    content_type: str
+    version: Version
+
+
+@dataclass(frozen=True)
+class Result:
+    """The answer to one command.
+
+    version: where the command's record sits in the log (for a retried command id, the first record's).
+    key_version: the key's version after the command; None when the key does not exist.
+    """
+
+    outcome: Outcome
+    version: Version
+    key_version: Version | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One state change, for Watch: `deleted` is True when the change removed the key (then `value` is empty)."""
+
+    key: str
+    deleted: bool
+    value: bytes
+    content_type: str
+    version: Version
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_key_bytes: int = DEFAULT_MAX_KEY_BYTES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    max_content_type_bytes: int = DEFAULT_MAX_CONTENT_TYPE_BYTES
+
+
+def check_command(command: Command, limits: Limits) -> None:
+    """Raises InvalidArgument when `command` is malformed or over `limits`; used before appending and applying."""
+    key_bytes = len(command.key.encode("utf-8"))
+    if key_bytes == 0:
+        raise InvalidArgument("key is empty", reason="empty_key")
+    if key_bytes > limits.max_key_bytes:
+        raise InvalidArgument(f"key is {key_bytes} bytes, over {limits.max_key_bytes}", reason="key_too_large")
+    if not command.command_id:
+        raise InvalidArgument("command_id is empty", reason="empty_command_id")
+    op = command.op
+    if isinstance(op, Put | Cas):
+        if len(op.value) > limits.max_value_bytes:
+            raise InvalidArgument(
+                f"value is {len(op.value)} bytes, over {limits.max_value_bytes}", reason="value_too_large"
+            )
+        if len(op.content_type.encode("utf-8")) > limits.max_content_type_bytes:
+            raise InvalidArgument("content type too long", reason="content_type_too_large")
+    if isinstance(op, Cas) and (op.expected is None) == (not op.expect_absent):
+        raise InvalidArgument("a compare-and-set needs exactly one of expected and expect_absent", reason="bad_cas")
+
+
+@dataclass
+class PartitionState:
+    """One partition's keys, its applied offset (the next offset to apply) and its bounded change feed."""
+
+    partition: int
+    applied: int = 0
+    entries: dict[str, Entry] = field(default_factory=dict)
+    # command id -> the result of its first record, oldest first.
+    seen: OrderedDict[str, Result] = field(default_factory=OrderedDict)
+    feed: deque[Change] = field(default_factory=deque)
+    # Changes at offsets >= feed_floor are all in `feed` (a feed restored from a snapshot starts empty).
+    feed_floor: int = 0
+
+    def digest(self) -> str:
+        """SHA-256 (hex) over the applied offset and the entries sorted by key; equal across processes."""
+        h = hashlib.sha256(DIGEST_DOMAIN)
+        h.update(struct.pack(">iq", self.partition, self.applied))
+        for key in sorted(self.entries):
+            entry = self.entries[key]
+            for part in (key.encode("utf-8"), entry.content_type.encode("utf-8"), entry.value):
+                h.update(struct.pack(">Q", len(part)))
+                h.update(part)
+            h.update(struct.pack(">iq", entry.version.partition, entry.version.offset))
+        return h.hexdigest()
+
+
+class TideState:
+    """The state of every partition of the command log, changed only by `apply` and `skip` in log order.
+
+    limits: checked on every command (a malformed record is skipped the same way on every replica).
+    feed_length: changes kept per partition for Watch.
+    dedupe_length: command ids remembered per partition for idempotent retries.
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        feed_length: int = DEFAULT_FEED_LENGTH,
+        dedupe_length: int = DEFAULT_DEDUPE_LENGTH,
+    ) -> None:
+        if feed_length < 1 or dedupe_length < 1:
+            raise ValueError("feed_length and dedupe_length must be at least 1")
+        self.limits = limits or Limits()
+        self.feed_length = feed_length
+        self.dedupe_length = dedupe_length
+        self.partitions: dict[int, PartitionState] = {}
+
+    def partition(self, partition: int) -> PartitionState:
+        """The state of `partition`, created empty (applied offset 0) on first use."""
+        state = self.partitions.get(partition)
+        if state is None:
+            state = self.partitions[partition] = PartitionState(partition, feed=deque(maxlen=self.feed_length))
+        return state
+
+    def applied(self, partition: int) -> int:
+        """The next offset to apply on `partition` (0 before anything was applied)."""
+        state = self.partitions.get(partition)
+        return state.applied if state is not None else 0
+
+    def _advance(self, partition: int, offset: int) -> PartitionState:
+        state = self.partition(partition)
+        if offset < state.applied:
+            raise FailedPrecondition(
+                f"offset {offset} of partition {partition} is before the applied offset {state.applied}",
+                reason="out_of_order",
+            )
+        return state
+
+    def skip(self, partition: int, offset: int) -> None:
+        """Marks a record that is not a valid command as applied without changing any key."""
+        self._advance(partition, offset).applied = offset + 1
+
+    def apply(self, partition: int, offset: int, command: Command) -> Result:
+        """Applies the command at (partition, offset); offsets must increase per partition.
+
+        Raises FailedPrecondition for an offset already applied and InvalidArgument for a malformed command
+        (state unchanged in both cases: the caller `skip`s an invalid record).
+        """
+        state = self._advance(partition, offset)
+        check_command(command, self.limits)
+        version = Version(partition, offset)
+        state.applied = offset + 1
+        previous = state.seen.get(command.command_id)
+        if previous is not None:
+            current = state.entries.get(command.key)
+            return Result(previous.outcome, previous.version, current.version if current else None)
+        result = self._execute(state, command, version)
+        state.seen[command.command_id] = result
+        while len(state.seen) > self.dedupe_length:
+            state.seen.popitem(last=False)
+        return result
+
+    def _execute(self, state: PartitionState, command: Command, version: Version) -> Result:
+        key, op = command.key, command.op
+        current = state.entries.get(key)
+        if isinstance(op, Delete):
+            if current is None:
+                return Result(Outcome.NOT_FOUND, version, None)
+            del state.entries[key]
+            self._record(state, Change(key, True, b"", "", version))
+            return Result(Outcome.APPLIED, version, None)
+        if isinstance(op, Cas):
+            holds = current is None if op.expect_absent else current is not None and current.version == op.expected
+            if not holds:
+                return Result(Outcome.CAS_CONFLICT, version, current.version if current else None)
+        entry = Entry(key, op.value, op.content_type, version)
+        state.entries[key] = entry
+        self._record(state, Change(key, False, entry.value, entry.content_type, version))
+        return Result(Outcome.APPLIED, version, version)
+
+    def _record(self, state: PartitionState, change: Change) -> None:
+        if state.feed.maxlen is not None and len(state.feed) == state.feed.maxlen:
+            # The oldest change falls out: Watch can no longer start before the next one.
+            state.feed_floor = state.feed[0].version.offset + 1
+        state.feed.append(change)
+
+    def get(self, key: str, partition: int) -> Entry | None:
+        """The entry of `key` (which lives in `partition`), or None."""
+        state = self.partitions.get(partition)
+        return state.entries.get(key) if state is not None else None
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Every entry whose key starts with `prefix`, over all partitions, sorted by key."""
+        found = [e for s in self.partitions.values() for k, e in s.entries.items() if k.startswith(prefix)]
+        return sorted(found, key=lambda e: e.key)
+
+    def changes(self, partition: int, from_offset: int, prefix: str = "") -> Iterator[Change]:
+        """Changes on `partition` at offsets >= `from_offset` under `prefix`, in log order.
+
+        Raises FailedPrecondition when changes from `from_offset` are no longer (or not) in the bounded feed.
+        """
+        state = self.partition(partition)
+        if from_offset < state.feed_floor:
+            raise FailedPrecondition(
+                f"changes before offset {state.feed_floor} of partition {partition} are gone", reason="feed_truncated"
+            )
+        return (c for c in list(state.feed) if c.version.offset >= from_offset and c.key.startswith(prefix))
+
+    def digests(self) -> dict[int, tuple[int, str]]:
+        """Per partition: (applied offset, SHA-256 hex digest of its state at that offset)."""
+        return {p: (s.applied, s.digest()) for p, s in sorted(self.partitions.items())}
