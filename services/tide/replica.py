@@ -14,18 +14,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from clisonix.tide.v1 import tide_pb2
 from services.common.errors import ClisonixError, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from services.common.events import UndecodableEvent, decode_event, event_headers
 from services.common.kafka import EventProducer
-from services.common.metrics import PREFIX, ServiceMetrics
+from services.common.metrics import LATENCY_BUCKETS, PREFIX, ServiceMetrics
 from services.tide import snapshots
 from services.tide.codec import command_from_proto, command_to_proto
 from services.tide.settings import TideSettings
@@ -44,6 +45,9 @@ class TideMetrics:
     partition's state digest (equal offsets must show equal values across replicas). log_behind_snapshot: 1
     when the log is younger than this replica's state (broker restarted empty, topic recreated).
     commands_total{outcome}: commands applied, by outcome (applied, cas_conflict, not_found, invalid, duplicate).
+    lag_records{partition}: records in the log (fetch highwater) not applied here yet.
+    apply_seconds: applying one fetched batch of records. write_latency_seconds: a write appended -> applied here.
+    snapshot_age_seconds, snapshot_bytes: since the last snapshot was written, and its size.
     """
 
     applied_offset: Gauge
@@ -51,6 +55,11 @@ class TideMetrics:
     log_behind_snapshot: Gauge
     commands_total: Counter
     snapshots_total: Counter
+    lag_records: Gauge
+    apply_seconds: Histogram
+    write_latency_seconds: Histogram
+    snapshot_age_seconds: Gauge
+    snapshot_bytes: Gauge
 
     @classmethod
     def create(cls, metrics: ServiceMetrics) -> TideMetrics:
@@ -69,6 +78,22 @@ class TideMetrics:
                 f"{PREFIX}_tide_commands", "Commands applied by outcome", ["outcome"], registry=registry
             ),
             snapshots_total=Counter(f"{PREFIX}_tide_snapshots", "Snapshots written", registry=registry),
+            lag_records=Gauge(
+                f"{PREFIX}_tide_lag_records", "Log records not applied here yet", ["partition"], registry=registry
+            ),
+            apply_seconds=Histogram(
+                f"{PREFIX}_tide_apply_seconds", "Applying one fetched batch", buckets=LATENCY_BUCKETS, registry=registry
+            ),
+            write_latency_seconds=Histogram(
+                f"{PREFIX}_tide_write_latency_seconds",
+                "A write appended to the log -> applied by this replica",
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            snapshot_age_seconds=Gauge(
+                f"{PREFIX}_tide_snapshot_age_seconds", "Seconds since the last snapshot was written", registry=registry
+            ),
+            snapshot_bytes=Gauge(f"{PREFIX}_tide_snapshot_bytes", "Size of the last snapshot", registry=registry),
         )
 
 
@@ -100,6 +125,7 @@ class Replica:
         self.diverged: str | None = None
         self.diverged_event = asyncio.Event()
         self.ready = asyncio.Event()
+        self._snapshot_at: float | None = None  # monotonic time of the last snapshot written
 
     async def assign(self, timeout_s: float = 30.0) -> None:
         """Assigns every partition of the log and seeks each to the state's applied offset."""
@@ -137,10 +163,13 @@ class Replica:
             except OffsetOutOfRangeError as exc:
                 self._diverge(f"applied offsets are past the log's end: {exc}")
                 continue
+            started = time.perf_counter()
             for tp, records in sorted(batches.items(), key=lambda item: item[0].partition):
                 for record in records:
                     self._apply(record)
                 self.metrics.applied_offset.labels(str(tp.partition)).set(self.state.applied(tp.partition))
+            if batches:
+                self.metrics.apply_seconds.observe(time.perf_counter() - started)
             if batches:
                 async with self._applied:
                     self._applied.notify_all()
@@ -149,6 +178,8 @@ class Replica:
     def _check_highwater(self) -> None:
         for p in self.partitions:
             highwater = self.consumer.highwater(TopicPartition(self.settings.topic_log, p))
+            if highwater is not None:
+                self.metrics.lag_records.labels(str(p)).set(max(0, highwater - self.state.applied(p)))
             if highwater is not None and highwater < self.state.applied(p):
                 self._diverge(f"partition {p} ends at {highwater}, before the applied offset {self.state.applied(p)}")
 
@@ -195,6 +226,7 @@ class Replica:
             message = command_to_proto(command)
             headers = event_headers(message, SOURCE, event_id=command.command_id)
             async with asyncio.timeout(self.settings.write_timeout_seconds):
+                appended = time.perf_counter()
                 await self.producer.producer.send_and_wait(
                     self.settings.topic_log,
                     message.SerializeToString(),
@@ -202,7 +234,9 @@ class Replica:
                     partition=partition,
                     headers=headers,
                 )
-                return await future
+                result = await future
+                self.metrics.write_latency_seconds.observe(time.perf_counter() - appended)
+                return result
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 "write not applied in time; retry with the same command_id", reason="write_timeout"
@@ -255,7 +289,7 @@ class Replica:
         if path is None or self.diverged is not None:
             return
         snapshots.save(self.state, path, self.settings.topic_log)
-        self.metrics.snapshots_total.inc()
+        self._snapshot_written(path)
 
     async def save_snapshot_in_background(self) -> None:
         """Like save_snapshot, but only the copy of the state runs on the event loop; the file is written in a
@@ -265,9 +299,17 @@ class Replica:
             return
         rows = snapshots.capture(self.state)
         await asyncio.to_thread(snapshots.write, rows, path, self.settings.topic_log)
+        self._snapshot_written(path)
+
+    def _snapshot_written(self, path: Path) -> None:
+        self._snapshot_at = time.monotonic()
         self.metrics.snapshots_total.inc()
+        with contextlib.suppress(OSError):
+            self.metrics.snapshot_bytes.set(path.stat().st_size)
 
     def refresh_metrics(self) -> None:
+        if self._snapshot_at is not None:
+            self.metrics.snapshot_age_seconds.set(time.monotonic() - self._snapshot_at)
         for p, (applied, digest) in self.state.digests().items():
             self.metrics.applied_offset.labels(str(p)).set(applied)
             self.metrics.digest_prefix.labels(str(p)).set(int(digest[:12], 16))
