@@ -12,6 +12,12 @@ def version_to_proto(version: Version | None) -> tide_pb2.Version | None:
 
 
 def version_from_proto(message: tide_pb2.Version) -> Version:
+    """A version from a request or command; InvalidArgument when it cannot be a log position."""
+    if message.partition < 0 or message.offset < 0:
+        raise InvalidArgument(
+            f"malformed version ({message.partition}, {message.offset}): partition and offset are >= 0",
+            reason="bad_version",
+        )
     return Version(message.partition, message.offset)
 
 

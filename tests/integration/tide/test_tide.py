@@ -91,6 +91,21 @@ async def test_invalid_requests_and_unreached_versions_map_to_status_codes(tide_
     with pytest.raises(grpc.aio.AioRpcError) as late:
         await stub.Get(tide_pb2.GetRequest(key="k", min_version=future))
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Malformed versions: a negative offset, a partition the log does not have.
+    for bad in (tide_pb2.Version(partition=0, offset=-1), tide_pb2.Version(partition=99, offset=0)):
+        with pytest.raises(grpc.aio.AioRpcError) as malformed:
+            await stub.Get(tide_pb2.GetRequest(key="k", min_version=bad))
+        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    with pytest.raises(grpc.aio.AioRpcError) as malformed_cas:
+        bad_expected = tide_pb2.Version(partition=0, offset=-5)
+        await stub.CompareAndSet(tide_pb2.CompareAndSetRequest(key="k", expected=bad_expected, value=b"y"))
+    assert malformed_cas.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A CAS on a key that does not exist, expecting a version: a conflict, and the key stays absent.
+    unknown = await stub.CompareAndSet(tide_pb2.CompareAndSetRequest(key="nokey", expected=put.version, value=b"z"))
+    assert unknown.outcome == tide_pb2.OUTCOME_CAS_CONFLICT and not unknown.HasField("key_version")
+    assert (await stub.Get(tide_pb2.GetRequest(key="nokey", min_version=unknown.version))).outcome == (
+        tide_pb2.OUTCOME_NOT_FOUND
+    )
 
 
 async def test_read_your_writes_across_replicas_with_the_version_token(tide_replica) -> None:
