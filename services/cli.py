@@ -301,6 +301,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench import inference as inference_bench
 
         return inference_bench.main(args.bench_args)
+    if args.name == "tide":
+        from bench import tide as tide_bench
+
+        return tide_bench.main(args.bench_args)
     from bench import ingest as ingest_bench
 
     return ingest_bench.main(args.bench_args)
@@ -359,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         help="start the broker and every service on the default ports",
         description="Starts the embedded broker and the services on their default ports (gRPC, metrics: ingest "
-        "50051, 9101; fusion 50052, 9102; inference 8001 (KServe v2), 9103) and keeps them up until Ctrl-C.",
+        "50051, 9101; fusion 50052, 9102; inference 8001 (KServe v2), 9103; tide 50054, 9104) and keeps them up "
+        "until Ctrl-C.",
     )
     up.add_argument("--bootstrap-servers", help="use this Kafka instead of starting the embedded broker")
     up.add_argument("--services", nargs="+", default=list(SERVICES), choices=SERVICES, help="services to start")
@@ -433,10 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (ingest, fusion, inference)",
+        help="run a benchmark (ingest, fusion, inference, tide)",
         description="Benchmarks, printing figures and ratios measured side by side in one run.",
     )
-    bench.add_argument("name", choices=["ingest", "fusion", "inference"], help="which benchmark")
+    bench.add_argument("name", choices=["ingest", "fusion", "inference", "tide"], help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=cmd_bench)
 

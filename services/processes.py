@@ -21,6 +21,8 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "ingest": (50051, 9101),
     "fusion": (50052, 9102),
     "inference": (8001, 9103),
+    # One Tide replica (no snapshot file by default: it replays the command log on start).
+    "tide": (50054, 9104),
 }
 SERVICES = tuple(DEFAULT_PORTS)
 # The shipped model repository: the inference service is started with its absolute path, so the services find

@@ -175,7 +175,7 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint(tmp_pa
                 logs = {p.name: p.read_text()[-2000:] for p in tmp_path.iterdir()}
                 raise AssertionError(f"clisonix up was not up in time; logs: {logs}") from None
             assert line, "clisonix up exited before it was up"
-        for port in (50051, 50052, 8001):  # ingest, fusion, inference
+        for port in (50051, 50052, 8001, 50054):  # ingest, fusion, inference, tide
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port + offset}") as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, port
