@@ -126,6 +126,9 @@ class Replica:
         self.diverged_event = asyncio.Event()
         self.ready = asyncio.Event()
         self._snapshot_at: float | None = None  # monotonic time of the last snapshot written
+        # Partitions whose log provably reaches this replica's position: nothing was applied before this run, or
+        # this run has read records from the log there. Only the others are checked against the highwater.
+        self._log_reaches: set[int] = set()
 
     async def assign(self, timeout_s: float = 30.0) -> None:
         """Assigns every partition of the log and seeks each to the state's applied offset."""
@@ -144,6 +147,7 @@ class Replica:
         self.consumer.assign(tps)
         for tp in tps:
             self.consumer.seek(tp, self.state.partition(tp.partition).applied)
+        self._log_reaches = {p for p in self.partitions if self.state.applied(p) == 0}
         self.ready.set()
 
     def partition_for(self, key: str) -> int:
@@ -167,6 +171,8 @@ class Replica:
             for tp, records in sorted(batches.items(), key=lambda item: item[0].partition):
                 for record in records:
                     self._apply(record)
+                if records:
+                    self._log_reaches.add(tp.partition)
                 self.metrics.applied_offset.labels(str(tp.partition)).set(self.state.applied(tp.partition))
             if batches:
                 self.metrics.apply_seconds.observe(time.perf_counter() - started)
@@ -180,7 +186,10 @@ class Replica:
             highwater = self.consumer.highwater(TopicPartition(self.settings.topic_log, p))
             if highwater is not None:
                 self.metrics.lag_records.labels(str(p)).set(max(0, highwater - self.state.applied(p)))
-            if highwater is not None and highwater < self.state.applied(p):
+            # The embedded broker can report a highwater a few records short after multi-record batches: once this
+            # run has read records from the log at its position, a short highwater is not a younger log (a log
+            # recreated under a running replica shows as OffsetOutOfRange on the next fetch instead).
+            if highwater is not None and highwater < self.state.applied(p) and p not in self._log_reaches:
                 self._diverge(f"partition {p} ends at {highwater}, before the applied offset {self.state.applied(p)}")
 
     def _diverge(self, why: str) -> None:
