@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from services.common.energy import EnergyMeter
 from services.common.lifecycle import Lifecycle
@@ -56,6 +58,28 @@ class ServiceRuntime:
             "service starting",
             extra={"fields": {"metrics_port": server.port, "energy_source": self.energy.source}},
         )
+
+    def run_task(self, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]], name: str) -> asyncio.Task[None]:
+        """Runs `run(stop)` (a worker loop) as a task for the service's life: on shutdown `stop` is set and the task
+        awaited, in the lifecycle's reverse order (so what was entered before it, e.g. its consumer, closes after
+        it). A task that fails stops the service: a dead worker must not look healthy."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(run(stop), name=name)
+
+        def ended(done: asyncio.Task[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.error("task failed", exc_info=done.exception(), extra={"fields": {"task": name}})
+                self.lifecycle.stop.set()
+
+        task.add_done_callback(ended)
+
+        async def stop_task() -> None:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self.lifecycle.stack.push_async_callback(stop_task)
+        return task
 
     async def serve_grpc(self, server: GrpcServer, grace_s: float = 1.0) -> None:
         """Starts `server`; on stop it turns NOT_SERVING first and closes after the drain steps."""

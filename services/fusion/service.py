@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from aiokafka import AIOKafkaConsumer
@@ -25,7 +23,6 @@ class FusionService:
         self.runtime = runtime or ServiceRuntime(settings)
         self.grpc: GrpcServer | None = None
         self.worker: FusionWorker | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def grpc_port(self) -> int:
@@ -52,18 +49,9 @@ class FusionService:
         )
         consumer.subscribe([settings.topic_raw], listener=self.worker.listener())
         await consumer.start()
-        stop = asyncio.Event()
-        self._task = asyncio.create_task(self.worker.run(stop), name="fusion-worker")
-        self._task.add_done_callback(self._worker_ended)
-
-        async def stop_worker() -> None:
-            stop.set()
-            if self._task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            await consumer.stop()  # leaves the group, so the partitions move on at once
-
-        stack.push_async_callback(stop_worker)
+        # Stopped after the worker: leaving the group moves the partitions on at once.
+        stack.push_async_callback(consumer.stop)
+        runtime.run_task(self.worker.run, "fusion-worker")
         self.grpc = GrpcServer(settings, [], lambda server: None)
         await runtime.serve_grpc(self.grpc)
         log.info(
@@ -76,11 +64,6 @@ class FusionService:
                 }
             },
         )
-
-    def _worker_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("fusion worker failed", exc_info=task.exception())
-            self.runtime.lifecycle.stop.set()  # a dead worker must not look healthy
 
     async def stop(self) -> None:
         self.runtime.lifecycle.stop.set()

@@ -20,7 +20,6 @@ re-delivered window twice. Offsets are committed once every prediction before th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -528,8 +527,10 @@ async def start_worker(
     )
     consumer.subscribe([settings.topic_fused], listener=worker.listener())
     await consumer.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop), name="inference-worker")
+    # Stopped after the worker (and before the model server's batchers, entered first): leaving the group moves
+    # the partitions on at once.
+    stack.push_async_callback(consumer.stop)
+    task = runtime.run_task(worker.run, "inference-worker")
     # The service turns SERVING only after this member has joined its group (with partitions or none), so that
     # windows sent once health says SERVING are not met by a join-long backlog. Bounded: a slow join is logged.
     join_timeout_s = 2 * settings.kafka_session_timeout_ms / 1000
@@ -539,21 +540,6 @@ async def start_worker(
         joined.cancel()
         if not task.done():
             log.warning("inference worker not in its consumer group after %.0f s; serving anyway", join_timeout_s)
-
-    def ended(done: asyncio.Task[None]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            log.error("inference worker failed", exc_info=done.exception())
-            runtime.lifecycle.stop.set()
-
-    task.add_done_callback(ended)
-
-    async def stop_worker() -> None:
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await consumer.stop()  # leaves the group, so the partitions move on at once
-
-    stack.push_async_callback(stop_worker)
     log.info(
         "inference worker ready",
         extra={

@@ -32,7 +32,6 @@ class TideService:
         self.runtime = runtime or ServiceRuntime(settings)
         self.grpc: GrpcServer | None = None
         self.replica: Replica | None = None
-        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def grpc_port(self) -> int:
@@ -58,25 +57,18 @@ class TideService:
         stack.push_async_callback(consumer.stop)
         replica = self.replica = Replica(settings, consumer, producer, TideMetrics.create(runtime.metrics), state)
         await replica.assign()
-        stop = asyncio.Event()
-        self._tasks = [
-            asyncio.create_task(replica.run(stop), name="tide-apply"),
-            asyncio.create_task(replica.run_periodic(stop), name="tide-periodic"),
-        ]
-        for task in self._tasks:
-            task.add_done_callback(self._task_ended)
 
-        async def stop_replica() -> None:
-            stop.set()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        def final_snapshot() -> None:
             try:
                 replica.save_snapshot()
             except OSError:
                 log.exception("final snapshot failed")
 
-        stack.push_async_callback(stop_replica)
+        # Runs after both tasks below have stopped (the stack closes in reverse order). A replica that stopped
+        # applying must not look healthy: a failed task stops the service.
+        stack.callback(final_snapshot)
+        runtime.run_task(replica.run, "tide-apply")
+        runtime.run_task(replica.run_periodic, "tide-periodic")
         self.grpc = GrpcServer(settings, [SERVICE_NAME], register(TideServicer(replica)))
         await runtime.serve_grpc(self.grpc)
         report = asyncio.create_task(self._report_divergence(), name="tide-divergence")
@@ -95,11 +87,6 @@ class TideService:
         assert self.replica is not None and self.grpc is not None
         await self.replica.diverged_event.wait()
         await self.grpc.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    def _task_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("tide task failed", exc_info=task.exception())
-            self.runtime.lifecycle.stop.set()  # a replica that stopped applying must not look healthy
 
     async def stop(self) -> None:
         self.runtime.lifecycle.stop.set()
