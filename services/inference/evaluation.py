@@ -112,12 +112,21 @@ def beat_scores(
     threshold: float = THRESHOLD,
     refractory_ms: float = REFRACTORY_MS,
     tolerance_ms: float = TOLERANCE_MS,
+    valid: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Beats detected from per-segment probabilities (detect_beats) matched to the `reference` beats (samples)
-    that lie between the first and last centre: Se, PPV and the counts."""
+    that lie between the first and last centre: Se, PPV and the counts.
+
+    valid: where the reference holds, per sample; beats of either side elsewhere are not counted (None: all)."""
     refractory = round(refractory_ms * rate_hz / 1000)
     detected, _ = detect_beats(centres, beat_probability, threshold, refractory)
+    detected = detected.astype(np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
     reachable = reference[(reference >= centres[0]) & (reference <= centres[-1])] if centres.size else reference[:0]
+    if valid is not None:
+        detected, reachable = (
+            beats[valid[np.clip(np.rint(beats).astype(np.int64), 0, valid.size - 1)]] for beats in (detected, reachable)
+        )
     tp, fp, fn = match_beats(detected, reachable, tolerance_ms * rate_hz / 1000)
     offsets = _matched_offsets_ms(detected, reachable, tolerance_ms * rate_hz / 1000, rate_hz)
     return {
@@ -163,28 +172,12 @@ def agreement_part(
     x, centres = sliding_segments(record.signal[lo:hi], window_samples, stride)
     centres = centres + lo
     probability = predict(x)
-    refractory = round(refractory_ms * record.rate_hz / 1000)
-    detected, _ = detect_beats(centres, probability, threshold, refractory)
     valid = record.valid if record.valid is not None else np.ones(record.signal.size, dtype=bool)
-
-    def holds(beats: np.ndarray) -> np.ndarray:
-        at = np.clip(np.rint(beats).astype(np.int64), 0, valid.size - 1)
-        return beats[valid[at]]
-
-    reachable = record.beats[(record.beats >= centres[0]) & (record.beats <= centres[-1])] if centres.size else []
-    reference = holds(np.asarray(reachable, dtype=np.float64))
-    detected = holds(detected.astype(np.float64))
-    tolerance = tolerance_ms * record.rate_hz / 1000
-    tp, fp, fn = match_beats(detected, reference, tolerance)
-    offsets = _matched_offsets_ms(detected, reference, tolerance, record.rate_hz)
+    scores = beat_scores(
+        centres, probability, record.beats, record.rate_hz, threshold, refractory_ms, tolerance_ms, valid
+    )
     return {
-        "sensitivity": _ratio(tp, tp + fn),
-        "positive_predictivity": _ratio(tp, tp + fp),
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "reference_beats": int(reference.size),
-        "median_offset_ms": float(np.median(offsets)) if offsets.size else 0.0,
+        **scores,
         "reference": record.labels_from,
         "seconds": [round(lo / record.rate_hz, 3), round(hi / record.rate_hz, 3)],
         "labels_hold_fraction": round(float(valid[lo:hi].mean()), 4),
