@@ -52,14 +52,15 @@ class VariantRun:
     variant: str
     runtime: str
     precision: str
-    parameters: int | None
     latency_b1_s: list[float] = field(default_factory=list)
     latency_b32_s: list[float] = field(default_factory=list)
     cpu_b1_s: float = 0.0
     cpu_b32_s: float = 0.0
     windows_b1: int = 0
     windows_b32: int = 0
-    scores: dict[str, float] = field(default_factory=dict)
+    joules_per_window_b1: float = 0.0
+    joules_per_window_b32: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)  # held-out macro-F1, Se, PPV
 
 
 def percentile_ms(values: list[float], q: float) -> float:
@@ -136,13 +137,11 @@ def compute_leg(args: argparse.Namespace, models: list[str], console: Any) -> tu
             ]
         )
         scores = segment_scores(segments.labels, probabilities)
-        params = meta.metrics.get("parameters") if isinstance(meta.metrics, dict) else None
         runs[name] = VariantRun(
             name,
             meta.variant,
             meta.runtime,
             meta.precision,
-            params,
             scores={k: float(v) for k, v in scores.items() if isinstance(v, int | float)},
         )
     windows = segments.x[: max(BATCH, args.windows // BATCH * BATCH)]
@@ -168,8 +167,8 @@ def compute_leg(args: argparse.Namespace, models: list[str], console: Any) -> tu
             run.windows_b32 += windows.shape[0]
         console.print(f"  compute round {round_index + 1}/{args.rounds} done")
     for run in runs.values():
-        run.scores["joules_per_window_b1"] = energy.joules(run.cpu_b1_s) / max(1, run.windows_b1)
-        run.scores["joules_per_window_b32"] = energy.joules(run.cpu_b32_s) / max(1, run.windows_b32)
+        run.joules_per_window_b1 = energy.joules(run.cpu_b1_s) / max(1, run.windows_b1)
+        run.joules_per_window_b32 = energy.joules(run.cpu_b32_s) / max(1, run.windows_b32)
     return list(runs.values()), meter.source
 
 
@@ -272,8 +271,8 @@ def summarise(runs: list[VariantRun], source: str) -> dict[str, Any]:
                 },
                 "cpu_ms_per_window_b1": run.cpu_b1_s / max(1, run.windows_b1) * 1e3,
                 "cpu_ms_per_window_b32": run.cpu_b32_s / max(1, run.windows_b32) * 1e3,
-                "joules_per_window_b1": run.scores["joules_per_window_b1"],
-                "joules_per_window_b32": run.scores["joules_per_window_b32"],
+                "joules_per_window_b1": run.joules_per_window_b1,
+                "joules_per_window_b32": run.joules_per_window_b32,
                 "energy_source": source,
                 "macro_f1": run.scores.get("macro_f1"),
                 "sensitivity": run.scores.get("sensitivity"),
@@ -373,7 +372,6 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
         "seconds": time.time() - started,
         **summary,
         **results,
-        "median_b1_latency_ms": {r["model"]: r["latency_b1_ms"]["p50"] for r in summary["variants"]},
         "note": "energy 'estimate' is CPU time x watts per core, not a measurement",
     }
 
