@@ -52,8 +52,8 @@ models: $(STAMP)
 	$(VENV)/bin/clisonix model all
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services tests bench
-	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/ruff check services tests bench liam_core
+	$(VENV)/bin/ruff format --check services tests bench liam_core
 	$(VENV)/bin/mypy
 
 clean:

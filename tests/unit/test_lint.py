@@ -15,8 +15,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "services", "tests", "bench"],
-        ["ruff", "format", "--check", "services", "tests", "bench"],
+        ["ruff", "check", "services", "tests", "bench", "liam_core"],
+        ["ruff", "format", "--check", "services", "tests", "bench", "liam_core"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
