@@ -17,6 +17,7 @@ M = TypeVar("M", bound=Message)
 
 SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/protobuf"
+CONTENT_TYPE_BYTES = CONTENT_TYPE.encode()
 
 Headers = list[tuple[str, bytes]]
 
@@ -78,7 +79,16 @@ class UndecodableEvent(Exception):
 
 def read_attributes(headers: Sequence[tuple[str, bytes]] | None) -> EventAttributes:
     """The CloudEvents attributes in `headers`; raises UndecodableEvent when a required one is missing."""
-    values = {name: header_value(headers, name) for name in ("ce_specversion", "ce_id", "ce_source", "ce_type")}
+    # One pass over the headers (the first of each name counts): this runs for every record consumed.
+    found: dict[str, bytes | None] = {}
+    for key, raw in headers or ():
+        found.setdefault(key, raw)
+
+    def text(name: str) -> str | None:
+        raw = found.get(name)
+        return raw.decode("utf-8", errors="replace") if raw is not None else None
+
+    values = {name: text(name) for name in ("ce_specversion", "ce_id", "ce_source", "ce_type")}
     missing = [name for name, value in values.items() if not value]
     if missing:
         raise UndecodableEvent("missing_header", f"missing CloudEvents headers: {', '.join(missing)}")
@@ -88,10 +98,35 @@ def read_attributes(headers: Sequence[tuple[str, bytes]] | None) -> EventAttribu
         id=values["ce_id"] or "",
         source=values["ce_source"] or "",
         type=values["ce_type"] or "",
-        time=header_value(headers, "ce_time") or "",
-        content_type=header_value(headers, "content-type") or "",
-        traceparent=header_value(headers, "traceparent"),
+        time=text("ce_time") or "",
+        content_type=text("content-type") or "",
+        traceparent=text("traceparent"),
     )
+
+
+def parse_event(message_type: type[M], value: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> M:
+    """Like decode_event, for hot paths that need only the message: checks the type and content type headers,
+    parses the value, builds no EventAttributes. Raises UndecodableEvent as decode_event does."""
+    expected = message_type.DESCRIPTOR.full_name
+    event_type = content_type = None
+    for key, raw in headers or ():
+        if key == "ce_type" and event_type is None:
+            event_type = raw
+        elif key == "content-type" and content_type is None:
+            content_type = raw
+    if not event_type:
+        raise UndecodableEvent("missing_header", "missing CloudEvents headers: ce_type")
+    if event_type != expected.encode():
+        found = event_type.decode("utf-8", "replace")
+        raise UndecodableEvent("wrong_type", f"ce_type {found!r}, expected {expected!r}")
+    if content_type and content_type != CONTENT_TYPE_BYTES:
+        raise UndecodableEvent("wrong_content_type", f"content-type {content_type.decode('utf-8', 'replace')!r}")
+    message = message_type()
+    try:
+        message.ParseFromString(value or b"")
+    except ProtobufDecodeError as exc:
+        raise UndecodableEvent("bad_protobuf", f"value does not parse as {expected}: {exc}") from exc
+    return message
 
 
 def decode_event(
@@ -102,14 +137,4 @@ def decode_event(
     Raises UndecodableEvent with reason missing_header, wrong_type, wrong_content_type or bad_protobuf.
     """
     attributes = read_attributes(headers)
-    expected = message_type.DESCRIPTOR.full_name
-    if attributes.type != expected:
-        raise UndecodableEvent("wrong_type", f"ce_type {attributes.type!r}, expected {expected!r}")
-    if attributes.content_type and attributes.content_type != CONTENT_TYPE:
-        raise UndecodableEvent("wrong_content_type", f"content-type {attributes.content_type!r}")
-    message = message_type()
-    try:
-        message.ParseFromString(value or b"")
-    except ProtobufDecodeError as exc:
-        raise UndecodableEvent("bad_protobuf", f"value does not parse as {expected}: {exc}") from exc
-    return message, attributes
+    return parse_event(message_type, value, headers), attributes

@@ -8,6 +8,7 @@ offsets, snapshotted to local disk). A write appends a Command and returns once 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -24,17 +25,18 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from clisonix.tide.v1 import tide_pb2
 from services.common.errors import ClisonixError, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
-from services.common.events import UndecodableEvent, decode_event, event_headers
+from services.common.events import UndecodableEvent, event_headers, parse_event
 from services.common.kafka import EventProducer
 from services.common.metrics import LATENCY_BUCKETS, PREFIX, ServiceMetrics
 from services.tide import snapshots
 from services.tide.codec import command_from_proto, command_to_proto
 from services.tide.settings import TideSettings
-from services.tide.state import Change, Command, Result, TideState, Version, check_command
+from services.tide.state import Change, Command, Outcome, Result, TideState, Version, check_command
 
 log = logging.getLogger(__name__)
 
 SOURCE = "//clisonix/tide"
+OUTCOME_LABELS = {outcome: outcome.name.lower() for outcome in Outcome}
 
 
 @dataclass(frozen=True)
@@ -168,15 +170,18 @@ class Replica:
                 self._diverge(f"applied offsets are past the log's end: {exc}")
                 continue
             started = time.perf_counter()
+            outcomes: collections.Counter[str] = collections.Counter()
             for tp, records in sorted(batches.items(), key=lambda item: item[0].partition):
                 for record in records:
-                    self._apply(record)
+                    outcomes[self._apply(record)] += 1
                 if records:
                     self._log_reaches.add(tp.partition)
                 self.metrics.applied_offset.labels(str(tp.partition)).set(self.state.applied(tp.partition))
             if batches:
+                # Counted per batch: a labelled counter costs more than applying a record.
+                for outcome, count in outcomes.items():
+                    self.metrics.commands_total.labels(outcome).inc(count)
                 self.metrics.apply_seconds.observe(time.perf_counter() - started)
-            if batches:
                 async with self._applied:
                     self._applied.notify_all()
             self._check_highwater()
@@ -199,25 +204,28 @@ class Replica:
             self.metrics.log_behind_snapshot.set(1)
             log.error("command log is younger than the replica's state", extra={"fields": {"detail": why}})
 
-    def _apply(self, record: ConsumerRecord) -> None:
+    def _apply(self, record: ConsumerRecord) -> str:
+        """Applies one record; returns its outcome label for commands_total."""
         p, offset = record.partition, record.offset
         if offset < self.state.applied(p):
             self._diverge(f"record at offset {offset} of partition {p} was already applied")
-            return
+            return "out_of_order"
         try:
-            message, _ = decode_event(tide_pb2.Command, record.value, record.headers)
+            message = parse_event(tide_pb2.Command, record.value, record.headers)
             command = command_from_proto(message)
             result = self.state.apply(p, offset, command)
         except (UndecodableEvent, ClisonixError) as exc:
             self.state.skip(p, offset)
-            self.metrics.commands_total.labels("invalid").inc()
             log.warning("command skipped", extra={"fields": {"partition": p, "offset": offset, "error": str(exc)}})
-            return
-        duplicate = result.version != Version(p, offset)
-        self.metrics.commands_total.labels("duplicate" if duplicate else result.outcome.name.lower()).inc()
-        for future in self._waiters.pop(command.command_id, []):
-            if not future.done():
-                future.set_result(result)
+            return "invalid"
+        waiting = self._waiters.pop(command.command_id, None)
+        if waiting is not None:
+            for future in waiting:
+                if not future.done():
+                    future.set_result(result)
+        if result.version.offset != offset or result.version.partition != p:
+            return "duplicate"
+        return OUTCOME_LABELS[result.outcome]
 
     async def write(self, command: Command) -> Result:
         """Appends `command` and returns its result once this replica applied it.

@@ -20,7 +20,6 @@ import enum
 import hashlib
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,13 +48,17 @@ class Outcome(enum.IntEnum):
     NOT_FOUND = 3
 
 
-@dataclass(frozen=True)
+# The objects built for every applied record are slotted and not frozen (a frozen dataclass costs twice as much to
+# build, on the apply path); nothing changes them after construction.
+
+
+@dataclass(slots=True)
 class Put:
     value: bytes
     content_type: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Cas:
     """Compare-and-set: exactly one of `expected` and `expect_absent` states the expectation."""
 
@@ -65,7 +68,7 @@ class Cas:
     expect_absent: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Delete:
     pass
 
@@ -73,14 +76,14 @@ class Delete:
 Op = Put | Cas | Delete
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Command:
     command_id: str
     key: str
     op: Op
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
     key: str
     value: bytes
@@ -88,7 +91,7 @@ class Entry:
     version: Version
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Result:
     """The answer to one command.
 
@@ -101,7 +104,7 @@ class Result:
     key_version: Version | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Change:
     """One state change, for Watch: `deleted` is True when the change removed the key (then `value` is empty)."""
 
@@ -266,17 +269,26 @@ class TideState:
         found = [e for s in self.partitions.values() for k, e in s.entries.items() if k.startswith(prefix)]
         return sorted(found, key=lambda e: e.key)
 
-    def changes(self, partition: int, from_offset: int, prefix: str = "") -> Iterator[Change]:
+    def changes(self, partition: int, from_offset: int, prefix: str = "") -> list[Change]:
         """Changes on `partition` at offsets >= `from_offset` under `prefix`, in log order.
 
-        Raises FailedPrecondition when changes from `from_offset` are no longer (or not) in the bounded feed.
+        Costs O(changes returned): the feed is read from its newest end, so a Watch that keeps up pays only for
+        what is new. Raises FailedPrecondition when changes from `from_offset` are no longer (or not) in the
+        bounded feed.
         """
         state = self.partition(partition)
         if from_offset < state.feed_floor:
             raise FailedPrecondition(
                 f"changes before offset {state.feed_floor} of partition {partition} are gone", reason="feed_truncated"
             )
-        return (c for c in list(state.feed) if c.version.offset >= from_offset and c.key.startswith(prefix))
+        found: list[Change] = []
+        for change in reversed(state.feed):
+            if change.version.offset < from_offset:
+                break
+            if change.key.startswith(prefix):
+                found.append(change)
+        found.reverse()
+        return found
 
     def digests(self) -> dict[int, tuple[int, str]]:
         """Per partition: (applied offset, SHA-256 hex digest of its state at that offset)."""
