@@ -16,6 +16,7 @@ part of the state (bounded, oldest evicted first, so eviction is deterministic t
 
 from __future__ import annotations
 
+import builtins
 import enum
 import hashlib
 import struct
@@ -269,7 +270,7 @@ class TideState:
         found = [e for s in self.partitions.values() for k, e in s.entries.items() if k.startswith(prefix)]
         return sorted(found, key=lambda e: e.key)
 
-    def changes(self, partition: int, from_offset: int, prefix: str = "") -> list[Change]:
+    def changes(self, partition: int, from_offset: int, prefix: str = "") -> builtins.list[Change]:
         """Changes on `partition` at offsets >= `from_offset` under `prefix`, in log order.
 
         Costs O(changes returned): the feed is read from its newest end, so a Watch that keeps up pays only for
@@ -281,7 +282,7 @@ class TideState:
             raise FailedPrecondition(
                 f"changes before offset {state.feed_floor} of partition {partition} are gone", reason="feed_truncated"
             )
-        found: list[Change] = []
+        found: builtins.list[Change] = []
         for change in reversed(state.feed):
             if change.version.offset < from_offset:
                 break
