@@ -3,18 +3,21 @@ visible on all three, catch-up rate of a fresh replica, beside a bare aiokafka p
 
 Write leg: the embedded broker (or --bootstrap-servers), one fresh command log, three replicas each as its own
 process (`python -m services.tide`, distinct ports, snapshot files in a temporary folder). This process keeps
-`--in-flight` Put calls open over gRPC, spread round-robin over the replicas, for `--writes` writes of small values
-on `--keys` keys. Batching comes from the replicas' producers (linger 0: whatever queues while a request is out
-goes in the next one). Per write: latency = call -> answer (the replica answers once it applied the record
-locally); visible everywhere = call -> the write's version arrived on the Watch streams of all three replicas
-(streams opened before the first write, read in this process: their stamps include this process's own delay).
+`--in-flight` BatchWrite calls of `--batch` writes open over gRPC (`--batch 1`: single Put calls), spread
+round-robin over the replicas, for `--writes` writes of small values on `--keys` keys. A batch's records are
+queued together, so the replica's producer sends them in few requests. Per write: latency = call -> answer (the
+replica answers once it applied every record of the call locally); visible everywhere = call -> the write's
+version arrived on the WatchBatches streams of all three replicas, measured on every `--probe-every`th write
+(those go under a prefix the streams follow, so the streams carry a tenth of the log; streams opened before the
+first write, read in this process: their stamps include this process's own delay).
 
 Catch-up leg: a fourth replica in this process (no gRPC: the apply loop of services.tide.replica alone, so
 neither process start nor the other replicas' work is in the figure) starts with no snapshot and applies the
 whole log; records/s until it reaches the log's end offsets. Its digests must equal the three replicas'.
 
 Baseline: a bare aiokafka producer with the replicas' producer settings sends the same Command records (same
-headers) to a separate topic at the same in-flight: acknowledged sends/s and ack latency (nobody applies them).
+headers) to a separate topic, `--batch` records queued at once by each of `--in-flight` senders: acknowledged
+sends/s and ack latency (nobody applies them).
 
 Targets (issue 5): >= 10,000 writes/s with batching; visible on all replicas p99 <= 50 ms; catch-up >= 100,000
 records/s.
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ TARGET_WRITES_PER_S = 10_000.0
 TARGET_VISIBLE_P99_MS = 50.0
 TARGET_CATCH_UP_PER_S = 100_000.0
 PREFIX = "bench/"
+PROBE_PREFIX = "bench/probe/"
 REPLICAS = 3
 
 
@@ -64,11 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         "all 3, catch-up rate of a fresh replica; a bare aiokafka producer beside it as the floor.",
     )
     parser.add_argument("--bootstrap-servers", help="use this Kafka instead of starting the embedded broker")
-    parser.add_argument("--writes", type=int, default=20_000, help="Put calls measured (default 20000)")
-    parser.add_argument("--warmup-writes", type=int, default=500, help="Put calls before measuring (default 500)")
-    parser.add_argument("--in-flight", type=int, default=256, help="Put calls kept open at once (default 256)")
+    parser.add_argument("--writes", type=int, default=60_000, help="writes measured (default 60000)")
+    parser.add_argument("--warmup-writes", type=int, default=2000, help="writes before measuring (default 2000)")
+    parser.add_argument("--batch", type=int, default=100, help="writes per BatchWrite call; 1: single Put calls (100)")
+    parser.add_argument("--in-flight", type=int, default=6, help="write calls kept open at once (default 6)")
     parser.add_argument("--keys", type=int, default=1000, help="distinct keys written (default 1000)")
     parser.add_argument("--value-bytes", type=int, default=64, help="bytes per value (default 64)")
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        default=10,
+        help="every Nth write goes to a key the Watch streams follow: its time until visible on all is measured (10)",
+    )
     parser.add_argument("--partitions", type=int, default=3, help="partitions of the command log (default 3)")
     parser.add_argument(
         "--visible-timeout",
@@ -127,8 +139,23 @@ async def start_replicas(args: argparse.Namespace, bootstrap: str, topic: str, f
     return processes
 
 
-async def write_leg(args: argparse.Namespace, targets: list[str], console: Any) -> dict[str, Any]:
-    """Warm-up, then the measured Puts with Watch streams open on every replica."""
+def print_replica_logs(folder: Path, console: Any, lines: int = 8) -> None:
+    """The last warnings and errors of each replica's log, when a leg failed."""
+    for index in range(REPLICAS):
+        path = folder / f"replica-{index}.log"
+        if not path.exists():
+            continue
+        worrying = [line for line in path.read_text().splitlines() if " WARNING " in line or " ERROR " in line]
+        console.print(f"  replica {index}: {len(worrying)} warnings and errors; the last ones:", markup=False)
+        for line in worrying[-lines:]:
+            console.print(f"    {line}", markup=False)
+
+
+async def write_leg(
+    args: argparse.Namespace, targets: list[str], console: Any, acked: Callable[[], None]
+) -> dict[str, Any]:
+    """Warm-up, then the measured writes with WatchBatches streams open on every replica; `acked` is called once
+    the last measured write was acknowledged (before waiting for every write to be visible)."""
     import grpc
 
     from clisonix.tide.v1 import tide_pb2, tide_pb2_grpc
@@ -142,26 +169,42 @@ async def write_leg(args: argparse.Namespace, targets: list[str], console: Any) 
 
     async def watch(index: int) -> None:
         request = tide_pb2.WatchRequest(
-            prefix=PREFIX, from_versions=[tide_pb2.Version(partition=p, offset=0) for p in partitions]
+            prefix=PROBE_PREFIX, from_versions=[tide_pb2.Version(partition=p, offset=0) for p in partitions]
         )
         arrivals = seen[index]
-        async for change in stubs[index].Watch(request):
-            arrivals[(change.version.partition, change.version.offset)] = time.perf_counter()
+        async for batch in stubs[index].WatchBatches(request):
+            now = time.perf_counter()
+            for change in batch.changes:
+                arrivals[(change.version.partition, change.version.offset)] = now
+
+    def key(i: int) -> str:
+        return f"{PROBE_PREFIX if i % args.probe_every == 0 else PREFIX}{i % args.keys}"
 
     async def put_many(count: int, record: dict[tuple[int, int], float] | None, latencies: list[float]) -> None:
         counter = itertools.count()
 
+        async def write(stub: Any, first: int, size: int) -> list[Any]:
+            if args.batch == 1:
+                return [await stub.Put(tide_pb2.PutRequest(key=key(first), value=value), timeout=30)]
+            commands = [
+                tide_pb2.Command(key=key(i), put=tide_pb2.Command.Put(value=value)) for i in range(first, first + size)
+            ]
+            reply = await stub.BatchWrite(tide_pb2.BatchWriteRequest(commands=commands), timeout=30)
+            return list(reply.results)
+
         async def writer(w: int) -> None:
             stub = stubs[w % len(stubs)]
-            while (i := next(counter)) < count:
-                request = tide_pb2.PutRequest(key=f"{PREFIX}{i % args.keys}", value=value)
+            while (first := next(counter) * args.batch) < count:
+                size = min(args.batch, count - first)
                 t0 = time.perf_counter()
-                reply = await stub.Put(request, timeout=30)
-                latencies.append(time.perf_counter() - t0)
-                if reply.outcome != tide_pb2.OUTCOME_APPLIED:
-                    raise RuntimeError(f"Put answered outcome {reply.outcome}")
-                if record is not None:
-                    record[(reply.version.partition, reply.version.offset)] = t0
+                results = await write(stub, first, size)
+                latency = time.perf_counter() - t0
+                for i, result in enumerate(results, start=first):
+                    latencies.append(latency)
+                    if result.outcome != tide_pb2.OUTCOME_APPLIED:
+                        raise RuntimeError(f"write answered outcome {result.outcome}")
+                    if record is not None and i % args.probe_every == 0:
+                        record[(result.version.partition, result.version.offset)] = t0
 
         await asyncio.gather(*(writer(w) for w in range(args.in_flight)))
 
@@ -173,6 +216,7 @@ async def write_leg(args: argparse.Namespace, targets: list[str], console: Any) 
         t0 = time.perf_counter()
         await put_many(args.writes, started, latencies)
         elapsed = time.perf_counter() - t0
+        acked()
         console.print(f"  {args.writes} writes acknowledged in {elapsed:.2f} s")
         # Wait (bounded) until every measured write arrived on every replica's Watch stream. A write still
         # missing at the deadline counts with the time waited so far (a lower bound), and is reported.
@@ -207,8 +251,8 @@ async def write_leg(args: argparse.Namespace, targets: list[str], console: Any) 
         "latency_ms": percentiles_ms(latencies),
         "visible_all_ms": percentiles_ms(visible),
         "not_visible_per_replica": missing,
-        # Distinct versions the acknowledgements named (equal to `writes` unless two writes shared a log position).
-        "distinct_versions": len(started),
+        # Probe writes whose time until visible on all was measured (distinct versions: two writes never share one).
+        "probes": len(started),
         "digests": [{d.partition: (d.applied.offset, d.sha256) for d in reply.partitions} for reply in digests],
     }
 
@@ -265,20 +309,27 @@ async def baseline_leg(args: argparse.Namespace, settings: Any) -> dict[str, Any
             counter = itertools.count()
 
             async def sender() -> None:
-                while (i := next(counter)) < count:
-                    key = f"{PREFIX}{i % args.keys}"
-                    command_id = uuid.uuid4().hex
-                    message = tide_pb2.Command(command_id=command_id, key=key, put=tide_pb2.Command.Put(value=value))
-                    headers = event_headers(message, SOURCE, event_id=command_id)
+                # Like a BatchWrite: `--batch` records queued together, then all their acknowledgements awaited.
+                while (first := next(counter) * args.batch) < count:
                     t0 = time.perf_counter()
-                    await producer.send_and_wait(
-                        settings.topic_log,
-                        message.SerializeToString(),
-                        key=key.encode(),
-                        partition=i % args.partitions,
-                        headers=headers,
-                    )
-                    measured.append(time.perf_counter() - t0)
+                    deliveries = []
+                    for i in range(first, min(first + args.batch, count)):
+                        key = f"{PREFIX}{i % args.keys}"
+                        command_id = uuid.uuid4().hex
+                        message = tide_pb2.Command(
+                            command_id=command_id, key=key, put=tide_pb2.Command.Put(value=value)
+                        )
+                        deliveries.append(
+                            await producer.send(
+                                settings.topic_log,
+                                message.SerializeToString(),
+                                key=key.encode(),
+                                partition=i % args.partitions,
+                                headers=event_headers(message, SOURCE, event_id=command_id),
+                            )
+                        )
+                    await asyncio.gather(*deliveries)
+                    measured.extend([time.perf_counter() - t0] * len(deliveries))
 
             await asyncio.gather(*(sender() for _ in range(args.in_flight)))
 
@@ -298,12 +349,16 @@ def report(results: dict[str, Any], console: Any) -> dict[str, Any]:
     from rich.table import Table
 
     write, base, catch = results["write"], results["baseline"], results["catch_up"]
-    table = Table(title=f"tide: {REPLICAS} replica processes, {write['writes']} Puts, {results['in_flight']} in flight")
+    calls = "single Put calls" if results["batch"] == 1 else f"BatchWrite calls of {results['batch']}"
+    table = Table(
+        title=f"tide: {REPLICAS} replica processes, {write['writes']} writes as {calls}, "
+        f"{results['in_flight']} in flight"
+    )
     for column in ("path", "acked writes/s", "ack latency p50 / p99 / max ms", "visible on all p50 / p99 / max ms"):
         table.add_column(column)
     vis = write["visible_all_ms"]
     table.add_row(
-        "Tide Put (gRPC -> log -> applied)",
+        "Tide write (gRPC -> log -> applied)",
         f"{write['writes_per_second']:,.0f}",
         "{p50:.1f} / {p99:.1f} / {max:.1f}".format(**write["latency_ms"]),
         f"{vis['p50']:.1f} / {vis['p99']:.1f} / {vis['max']:.1f}",
@@ -371,11 +426,20 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
             broker_meter = ProcessCpu(broker.process.pid if broker is not None and broker.process else None)
             before = [m.seconds() for m in [*meters, broker_meter]]
             own_before = time.process_time()
-            try:
-                write = await write_leg(args, [p.target for p in replicas], console)
-            finally:
+            after: list[float | None] = []
+            own = 0.0
+
+            def acked() -> None:
+                nonlocal after, own
                 after = [m.seconds() for m in [*meters, broker_meter]]
                 own = time.process_time() - own_before
+
+            try:
+                write = await write_leg(args, [p.target for p in replicas], console, acked)
+            except Exception:
+                print_replica_logs(Path(tmp), console)
+                raise
+            finally:
                 for process in replicas:
                     await asyncio.to_thread(process.stop)
             cpu = [None if b is None or a is None else a - b for b, a in zip(before, after, strict=True)]
@@ -399,6 +463,7 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
         "baseline": base,
         "catch_up": catch,
         "in_flight": args.in_flight,
+        "batch": args.batch,
         "cpu_seconds": {"replicas": cpu[:REPLICAS], "broker": cpu[REPLICAS], "bench_client": own},
     }
     results.update(report(results, console))
@@ -414,8 +479,17 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.writes < 1 or args.warmup_writes < 0 or args.in_flight < 1 or args.keys < 1 or args.partitions < 1:
-        parser.error("--writes, --in-flight, --keys and --partitions >= 1, --warmup-writes >= 0")
+    if (
+        args.writes < 1
+        or args.warmup_writes < 0
+        or args.in_flight < 1
+        or args.batch < 1
+        or args.keys < 1
+        or args.partitions < 1
+    ):
+        parser.error(
+            "--writes, --batch, --in-flight, --probe-every, --keys and --partitions >= 1, --warmup-writes >= 0"
+        )
     return run_and_report(run, args, width=160)
 
 

@@ -8,7 +8,13 @@ import grpc
 
 from clisonix.tide.v1 import tide_pb2, tide_pb2_grpc
 from services.common.errors import InvalidArgument, Unavailable
-from services.tide.codec import change_to_proto, entry_to_proto, version_from_proto, version_to_proto
+from services.tide.codec import (
+    change_to_proto,
+    command_from_proto,
+    entry_to_proto,
+    version_from_proto,
+    version_to_proto,
+)
 from services.tide.replica import Replica, new_command_id
 from services.tide.state import Cas, Command, Delete, Op, Put, Result, Version
 
@@ -28,7 +34,9 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
         if not self.replica.ready.is_set():
             raise Unavailable("replica not ready", reason="not_ready")
         command = Command(command_id or new_command_id(), key, op)
-        result: Result = await self.replica.write(command)
+        return self._response(command, await self.replica.write(command))
+
+    def _response(self, command: Command, result: Result) -> tide_pb2.WriteResponse:
         return tide_pb2.WriteResponse(
             outcome=int(result.outcome),  # type: ignore[arg-type]
             version=version_to_proto(result.version),
@@ -81,8 +89,37 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
         if not self.replica.ready.is_set():
             raise Unavailable("replica not ready", reason="not_ready")
         starts = [Version(v.partition, v.offset) for v in request.from_versions]
-        async for change in self.replica.watch(request.prefix, starts):
-            yield change_to_proto(change)
+        async for batch in self.replica.watch(request.prefix, starts):
+            for change in batch:
+                yield change_to_proto(change)
+
+    async def WatchBatches(
+        self, request: tide_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tide_pb2.ChangeBatch]:
+        if not self.replica.ready.is_set():
+            raise Unavailable("replica not ready", reason="not_ready")
+        starts = [Version(v.partition, v.offset) for v in request.from_versions]
+        async for batch in self.replica.watch(request.prefix, starts):
+            yield tide_pb2.ChangeBatch(changes=[change_to_proto(change) for change in batch])
+
+    async def BatchWrite(
+        self, request: tide_pb2.BatchWriteRequest, context: grpc.aio.ServicerContext
+    ) -> tide_pb2.BatchWriteResponse:
+        if not self.replica.ready.is_set():
+            raise Unavailable("replica not ready", reason="not_ready")
+        if not request.commands:
+            raise InvalidArgument("a batch needs at least one command", reason="empty_batch")
+        commands = []
+        for index, message in enumerate(request.commands):
+            try:
+                command = command_from_proto(message)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"command {index}: {exc}", reason=exc.reason) from exc
+            commands.append(Command(command.command_id or new_command_id(), command.key, command.op))
+        results = await self.replica.write_many(commands)
+        return tide_pb2.BatchWriteResponse(
+            results=[self._response(command, result) for command, result in zip(commands, results, strict=True)]
+        )
 
     async def Digest(
         self, request: tide_pb2.DigestRequest, context: grpc.aio.ServicerContext

@@ -31,6 +31,7 @@ ingest, never a raw id, and no id may contain "/"):
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -44,7 +45,8 @@ from aiokafka.partitioner import murmur2
 
 from clisonix.tide.v1 import tide_pb2, tide_pb2_grpc
 from services.common import errors
-from services.tide.state import Change, Entry, Outcome, Version
+from services.tide.codec import command_to_proto
+from services.tide.state import Change, Command, Entry, Outcome, Version
 
 if TYPE_CHECKING:
     from clisonix.tide.v1.tide_pb2_grpc import TideServiceAsyncStub
@@ -260,7 +262,9 @@ class TideClient:
         return [_entry(e) for e in response.entries], {a.partition: a.offset for a in response.applied}
 
     async def _write(self, send: Callable[[TideServiceAsyncStub], Awaitable[Any]]) -> WriteResult:
-        response: tide_pb2.WriteResponse = await self._call(send)
+        return self._result(await self._call(send))
+
+    def _result(self, response: tide_pb2.WriteResponse) -> WriteResult:
         version = _version(response.version)
         key_version = _version(response.key_version) if response.HasField("key_version") else None
         self.remember(version)
@@ -306,6 +310,15 @@ class TideClient:
         """Removes the key; Outcome.NOT_FOUND when it did not exist."""
         request = tide_pb2.DeleteRequest(key=key, command_id=command_id or uuid.uuid4().hex)
         return await self._write(lambda s: s.Delete(request, metadata=self.metadata, timeout=self.timeout_s))
+
+    async def batch_write(self, commands: Sequence[Command]) -> builtins.list[WriteResult]:
+        """Several writes in one call (services.tide.state commands: Put, Cas or Delete ops), each applied on its
+        own, answered in order. A retry resends the same command ids, so a command is applied at most once."""
+        request = tide_pb2.BatchWriteRequest(
+            commands=[command_to_proto(Command(c.command_id or uuid.uuid4().hex, c.key, c.op)) for c in commands]
+        )
+        response = await self._call(lambda s: s.BatchWrite(request, metadata=self.metadata, timeout=self.timeout_s))
+        return [self._result(result) for result in response.results]
 
     def watch(
         self, prefix: str, from_versions: Sequence[Version] = ()

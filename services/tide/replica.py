@@ -16,11 +16,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.partitioner import murmur2
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import RecordMetadata, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from clisonix.tide.v1 import tide_pb2
@@ -99,6 +100,23 @@ class TideMetrics:
         )
 
 
+class PendingWrites:
+    """One write call's commands waiting to be applied here: `done` resolves with their results, in order, once
+    the last one was applied (one future per call, not per command: a batch may hold a thousand)."""
+
+    def __init__(self, count: int) -> None:
+        self.results: list[Result | None] = [None] * count
+        self.missing = count
+        self.done: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+
+    def resolve(self, index: int, result: Result) -> None:
+        if self.results[index] is None:
+            self.results[index] = result
+            self.missing -= 1
+            if self.missing == 0 and not self.done.done():
+                self.done.set_result(cast(list[Result], self.results))
+
+
 class Replica:
     """The state, the consumer that feeds it, and the producer that appends commands.
 
@@ -120,8 +138,8 @@ class Replica:
         self.metrics = metrics
         self.state = state or TideState(settings.limits(), settings.feed_length, settings.dedupe_length)
         self.partitions: list[int] = []
-        # command id -> futures of writes waiting for their record to be applied here.
-        self._waiters: dict[str, list[asyncio.Future[Result]]] = {}
+        # command id -> the pending write calls (and the command's place in each) waiting for its record here.
+        self._waiters: dict[str, list[tuple[PendingWrites, int]]] = {}
         self._applied = asyncio.Condition()
         # Set when the log is behind the state: the replica stops applying and reports it.
         self.diverged: str | None = None
@@ -220,9 +238,8 @@ class Replica:
             return "invalid"
         waiting = self._waiters.pop(command.command_id, None)
         if waiting is not None:
-            for future in waiting:
-                if not future.done():
-                    future.set_result(result)
+            for pending, index in waiting:
+                pending.resolve(index, result)
         if result.version.offset != offset or result.version.partition != p:
             return "duplicate"
         return OUTCOME_LABELS[result.outcome]
@@ -233,37 +250,63 @@ class Replica:
         Raises DeadlineExceeded after settings.write_timeout_seconds (the outcome is then unknown: retry with the
         same command id, which answers the first record's result).
         """
+        return (await self.write_many([command]))[0]
+
+    async def write_many(self, commands: list[Command]) -> list[Result]:
+        """Appends every command (one record each, sent together so the producer batches them) and returns their
+        results, in order, once this replica applied them all.
+
+        Raises InvalidArgument naming the first malformed command before anything is appended, and
+        DeadlineExceeded as `write` does (some commands may then have been applied: retry with the same ids).
+        """
         if self.diverged is not None:
             raise Unavailable("replica's state is ahead of the log", reason="log_behind_snapshot")
-        check_command(command, self.state.limits)
-        partition = self.partition_for(command.key)
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(command.command_id, []).append(future)
+        if len(commands) > self.settings.max_batch_commands:
+            raise InvalidArgument(
+                f"{len(commands)} commands in one batch, over {self.settings.max_batch_commands}",
+                reason="batch_too_large",
+            )
+        for index, command in enumerate(commands):
+            try:
+                check_command(command, self.state.limits)
+            except InvalidArgument as exc:
+                detail = f"command {index}: {exc}" if len(commands) > 1 else str(exc)
+                raise InvalidArgument(detail, reason=exc.reason) from exc
+        pending = PendingWrites(len(commands))
+        for index, command in enumerate(commands):
+            self._waiters.setdefault(command.command_id, []).append((pending, index))
         try:
-            message = command_to_proto(command)
-            headers = event_headers(message, SOURCE, event_id=command.command_id)
             async with asyncio.timeout(self.settings.write_timeout_seconds):
                 appended = time.perf_counter()
-                await self.producer.producer.send_and_wait(
-                    self.settings.topic_log,
-                    message.SerializeToString(),
-                    key=command.key.encode("utf-8"),
-                    partition=partition,
-                    headers=headers,
-                )
-                result = await future
-                self.metrics.write_latency_seconds.observe(time.perf_counter() - appended)
-                return result
+                deliveries = [await self._append(command) for command in commands]
+                await asyncio.gather(*deliveries)
+                results = await pending.done
+                latency = time.perf_counter() - appended
+                for _ in results:
+                    self.metrics.write_latency_seconds.observe(latency)
+                return results
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 "write not applied in time; retry with the same command_id", reason="write_timeout"
             ) from exc
         finally:
-            waiting = self._waiters.get(command.command_id)
-            if waiting is not None and future in waiting:
-                waiting.remove(future)
-                if not waiting:
-                    del self._waiters[command.command_id]
+            for index, command in enumerate(commands):
+                waiting = self._waiters.get(command.command_id)
+                if waiting is not None and (pending, index) in waiting:
+                    waiting.remove((pending, index))
+                    if not waiting:
+                        del self._waiters[command.command_id]
+
+    async def _append(self, command: Command) -> asyncio.Future[RecordMetadata]:
+        """Queues `command`'s record on its key's partition; the future resolves once the log acknowledged it."""
+        message = command_to_proto(command)
+        return await self.producer.producer.send(
+            self.settings.topic_log,
+            message.SerializeToString(),
+            key=command.key.encode("utf-8"),
+            partition=self.partition_for(command.key),
+            headers=event_headers(message, SOURCE, event_id=command.command_id),
+        )
 
     async def wait_applied(self, versions: list[Version]) -> None:
         """Waits until every version's record is applied here; DeadlineExceeded after read_wait_seconds."""
@@ -284,19 +327,21 @@ class Replica:
         except TimeoutError as exc:
             raise DeadlineExceeded("replica has not applied the requested version yet", reason="min_version") from exc
 
-    async def watch(self, prefix: str, from_versions: list[Version]) -> AsyncIterator[Change]:
-        """Changes under `prefix` in log order per partition, from the given positions (others: from now)."""
+    async def watch(self, prefix: str, from_versions: list[Version]) -> AsyncIterator[list[Change]]:
+        """Changes under `prefix` from the given positions (other partitions: from now), in log order per
+        partition, as lists of the changes that became visible together (never empty)."""
         start = {v.partition: v.offset for v in from_versions}
         unknown = set(start) - set(self.partitions)
         if unknown:
             raise FailedPrecondition(f"no partitions {sorted(unknown)} in the log", reason="bad_partition")
         cursor = {p: start.get(p, self.state.applied(p)) for p in self.partitions}
         while True:
+            batch: list[Change] = []
             for p in self.partitions:
-                changes = list(self.state.changes(p, cursor[p], prefix))
+                batch.extend(self.state.changes(p, cursor[p], prefix))
                 cursor[p] = max(cursor[p], self.state.applied(p))
-                for change in changes:
-                    yield change
+            if batch:
+                yield batch
             async with self._applied:
                 await self._applied.wait_for(lambda: any(self.state.applied(p) > cursor[p] for p in self.partitions))
 

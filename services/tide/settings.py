@@ -28,6 +28,8 @@ class TideSettings(ServiceSettings):
 
     max_key_bytes: int = Field(default=state.DEFAULT_MAX_KEY_BYTES, gt=0)
     max_value_bytes: int = Field(default=state.DEFAULT_MAX_VALUE_BYTES, gt=0)
+    # Commands one BatchWrite may carry.
+    max_batch_commands: int = Field(default=1000, gt=0)
     feed_length: int = Field(default=state.DEFAULT_FEED_LENGTH, gt=0)
     dedupe_length: int = Field(default=state.DEFAULT_DEDUPE_LENGTH, gt=0)
 

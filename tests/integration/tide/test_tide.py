@@ -270,3 +270,79 @@ async def test_metrics_show_write_latency_lag_and_snapshot_size(tide_replica, tm
     service.replica.refresh_metrics()
     assert sample("clisonix_tide_snapshot_bytes") == snapshot.stat().st_size > 0
     assert 0 <= (sample("clisonix_tide_snapshot_age_seconds") or -1) < 60
+
+
+async def test_batch_write_answers_each_command_in_order_and_rejects_a_bad_batch_whole(tide_replica) -> None:
+    service, stub = await tide_replica(max_batch_commands=8)
+    created = await stub.Put(tide_pb2.PutRequest(key="b/x", value=b"0"))
+    commands = [
+        tide_pb2.Command(command_id="c1", key="b/x", put=tide_pb2.Command.Put(value=b"1")),
+        # Expects the version b/x had before the batch: c1 moved it, so this conflicts.
+        tide_pb2.Command(key="b/x", cas=tide_pb2.Command.CompareAndSet(expected=created.version, value=b"2")),
+        tide_pb2.Command(key="b/y", cas=tide_pb2.Command.CompareAndSet(expect_absent=True, value=b"3")),
+        tide_pb2.Command(key="b/missing", delete=tide_pb2.Command.Delete()),
+        tide_pb2.Command(command_id="c1", key="b/x", put=tide_pb2.Command.Put(value=b"again")),  # a retry of c1
+    ]
+    reply = await stub.BatchWrite(tide_pb2.BatchWriteRequest(commands=commands))
+    outcomes = [r.outcome for r in reply.results]
+    assert outcomes == [
+        tide_pb2.OUTCOME_APPLIED,
+        tide_pb2.OUTCOME_CAS_CONFLICT,
+        tide_pb2.OUTCOME_APPLIED,
+        tide_pb2.OUTCOME_NOT_FOUND,
+        tide_pb2.OUTCOME_APPLIED,
+    ]
+    assert reply.results[0].command_id == "c1" and all(r.command_id for r in reply.results)
+    assert reply.results[4].version == reply.results[0].version  # the retry answers the first record's result
+    got = await stub.Get(tide_pb2.GetRequest(key="b/x", min_version=reply.results[4].version))
+    assert got.entry.value == b"1" and got.entry.version == reply.results[0].version
+
+    before = await digests(stub)
+    bad_batches = {
+        "at least one": [],
+        "over 8": [tide_pb2.Command(key=f"b/{i}", put=tide_pb2.Command.Put(value=b"v")) for i in range(9)],
+        "command 1": [
+            tide_pb2.Command(key="b/ok", put=tide_pb2.Command.Put(value=b"v")),
+            tide_pb2.Command(key="b/nothing"),  # no operation
+        ],
+        "value is": [
+            tide_pb2.Command(key="b/ok", put=tide_pb2.Command.Put(value=b"v")),
+            tide_pb2.Command(
+                key="b/big", put=tide_pb2.Command.Put(value=b"x" * (service.settings.max_value_bytes + 1))
+            ),
+        ],
+    }
+    for expected_detail, batch in bad_batches.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.BatchWrite(tide_pb2.BatchWriteRequest(commands=batch))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected_detail in (caught.value.details() or ""), caught.value.details()
+    # Nothing of a rejected batch was appended: a marker write lands right after the good batch's records.
+    marker = await stub.Put(tide_pb2.PutRequest(key="b/x", value=b"marker"))
+    partition = marker.version.partition
+    assert marker.version.offset == before[partition][0]
+
+
+async def test_watch_batches_delivers_every_change_once_in_log_order(tide_replica) -> None:
+    _, stub = await tide_replica()
+    start = await stub.Put(tide_pb2.PutRequest(key="wb/start", value=b"s"))
+    call = stub.WatchBatches(
+        tide_pb2.WatchRequest(prefix="wb/", from_versions=[tide_pb2.Version(partition=p, offset=0) for p in range(3)])
+    )
+    commands = [tide_pb2.Command(key=f"wb/{i % 7}", put=tide_pb2.Command.Put(value=str(i).encode())) for i in range(60)]
+    reply = await stub.BatchWrite(tide_pb2.BatchWriteRequest(commands=commands))
+    expected = {vt(start.version)} | {vt(r.version) for r in reply.results}
+    seen: list[tide_pb2.Change] = []
+    async with asyncio.timeout(20):
+        async for batch in call:
+            assert batch.changes, "a ChangeBatch is never empty"
+            seen.extend(batch.changes)
+            if {vt(c.version) for c in seen} >= expected:
+                break
+    call.cancel()
+    assert len(seen) == len({vt(c.version) for c in seen}), "a change was delivered twice"
+    for p in range(3):
+        offsets = [c.version.offset for c in seen if c.version.partition == p]
+        assert offsets == sorted(offsets)
+    by_version = {vt(c.version): c.value for c in seen}
+    assert [by_version[vt(r.version)] for r in reply.results] == [c.put.value for c in commands]

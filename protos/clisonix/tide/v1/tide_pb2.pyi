@@ -527,6 +527,75 @@ class Change(_message.Message):
 Global___Change: _TypeAlias = Change  # noqa: Y015
 
 @_typing.final
+class BatchWriteRequest(_message.Message):
+    """Several writes in one call. Each command is appended and applied on its own (no atomicity across commands:
+    every one gets its own outcome, as if sent alone); commands on one key are appended in request order. A
+    command with an empty command_id gets a fresh one. If any command is malformed, nothing is appended.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___Command]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___Command] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchWriteRequest: _TypeAlias = BatchWriteRequest  # noqa: Y015
+
+@_typing.final
+class BatchWriteResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteResponse]:
+        """One per command, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___WriteResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchWriteResponse: _TypeAlias = BatchWriteResponse  # noqa: Y015
+
+@_typing.final
+class ChangeBatch(_message.Message):
+    """Watch's batched form: the changes that became visible together, in log order per partition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Change]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___Change] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeBatch: _TypeAlias = ChangeBatch  # noqa: Y015
+
+@_typing.final
 class DigestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

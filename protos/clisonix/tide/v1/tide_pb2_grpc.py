@@ -64,6 +64,16 @@ class TideServiceStub:
                 request_serializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.WatchRequest.SerializeToString,
                 response_deserializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.Change.FromString,
                 _registered_method=True)
+        self.BatchWrite = channel.unary_unary(
+                '/clisonix.tide.v1.TideService/BatchWrite',
+                request_serializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.BatchWriteRequest.SerializeToString,
+                response_deserializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.BatchWriteResponse.FromString,
+                _registered_method=True)
+        self.WatchBatches = channel.unary_stream(
+                '/clisonix.tide.v1.TideService/WatchBatches',
+                request_serializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.WatchRequest.SerializeToString,
+                response_deserializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.ChangeBatch.FromString,
+                _registered_method=True)
         self.Digest = channel.unary_unary(
                 '/clisonix.tide.v1.TideService/Digest',
                 request_serializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.DigestRequest.SerializeToString,
@@ -111,6 +121,19 @@ class TideServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchWrite(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBatches(self, request, context):
+        """Watch, one message per group of changes applied together: for followers of busy prefixes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Digest(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -149,6 +172,16 @@ def add_TideServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.WatchRequest.FromString,
                     response_serializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.Change.SerializeToString,
+            ),
+            'BatchWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchWrite,
+                    request_deserializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.BatchWriteRequest.FromString,
+                    response_serializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.BatchWriteResponse.SerializeToString,
+            ),
+            'WatchBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBatches,
+                    request_deserializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.WatchRequest.FromString,
+                    response_serializer=clisonix_dot_tide_dot_v1_dot_tide__pb2.ChangeBatch.SerializeToString,
             ),
             'Digest': grpc.unary_unary_rpc_method_handler(
                     servicer.Digest,
@@ -318,6 +351,60 @@ class TideService:
             '/clisonix.tide.v1.TideService/Watch',
             clisonix_dot_tide_dot_v1_dot_tide__pb2.WatchRequest.SerializeToString,
             clisonix_dot_tide_dot_v1_dot_tide__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clisonix.tide.v1.TideService/BatchWrite',
+            clisonix_dot_tide_dot_v1_dot_tide__pb2.BatchWriteRequest.SerializeToString,
+            clisonix_dot_tide_dot_v1_dot_tide__pb2.BatchWriteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clisonix.tide.v1.TideService/WatchBatches',
+            clisonix_dot_tide_dot_v1_dot_tide__pb2.WatchRequest.SerializeToString,
+            clisonix_dot_tide_dot_v1_dot_tide__pb2.ChangeBatch.FromString,
             options,
             channel_credentials,
             insecure,

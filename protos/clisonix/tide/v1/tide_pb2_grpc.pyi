@@ -44,6 +44,9 @@ class TideServiceStub:
     List: _grpc.UnaryUnaryMultiCallable[_tide_pb2.ListRequest, _tide_pb2.ListResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_tide_pb2.WatchRequest, _tide_pb2.Change]
     """Changes under `prefix` in log order per partition, until the client cancels."""
+    BatchWrite: _grpc.UnaryUnaryMultiCallable[_tide_pb2.BatchWriteRequest, _tide_pb2.BatchWriteResponse]
+    WatchBatches: _grpc.UnaryStreamMultiCallable[_tide_pb2.WatchRequest, _tide_pb2.ChangeBatch]
+    """Watch, one message per group of changes applied together: for followers of busy prefixes."""
     Digest: _grpc.UnaryUnaryMultiCallable[_tide_pb2.DigestRequest, _tide_pb2.DigestResponse]
 
 @_typing.type_check_only
@@ -56,6 +59,9 @@ class TideServiceAsyncStub(TideServiceStub):
     List: _aio.UnaryUnaryMultiCallable[_tide_pb2.ListRequest, _tide_pb2.ListResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_tide_pb2.WatchRequest, _tide_pb2.Change]  # type: ignore[assignment]
     """Changes under `prefix` in log order per partition, until the client cancels."""
+    BatchWrite: _aio.UnaryUnaryMultiCallable[_tide_pb2.BatchWriteRequest, _tide_pb2.BatchWriteResponse]  # type: ignore[assignment]
+    WatchBatches: _aio.UnaryStreamMultiCallable[_tide_pb2.WatchRequest, _tide_pb2.ChangeBatch]  # type: ignore[assignment]
+    """Watch, one message per group of changes applied together: for followers of busy prefixes."""
     Digest: _aio.UnaryUnaryMultiCallable[_tide_pb2.DigestRequest, _tide_pb2.DigestResponse]  # type: ignore[assignment]
 
 class TideServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -101,6 +107,21 @@ class TideServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tide_pb2.Change], _abc.AsyncIterator[_tide_pb2.Change]]:
         """Changes under `prefix` in log order per partition, until the client cancels."""
+
+    @_abc_1.abstractmethod
+    def BatchWrite(
+        self,
+        request: _tide_pb2.BatchWriteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tide_pb2.BatchWriteResponse, _abc.Awaitable[_tide_pb2.BatchWriteResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchBatches(
+        self,
+        request: _tide_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tide_pb2.ChangeBatch], _abc.AsyncIterator[_tide_pb2.ChangeBatch]]:
+        """Watch, one message per group of changes applied together: for followers of busy prefixes."""
 
     @_abc_1.abstractmethod
     def Digest(
