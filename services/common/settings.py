@@ -50,6 +50,11 @@ class ServiceSettings(BaseSettings):
     tls_client_ca_file: Path | None = None
     auth_token: SecretStr | None = None
 
+    # The Tide replicas this service reads and writes shared state through ("host:port", comma-separated; the
+    # client moves to the next when one is unavailable). Empty: the service runs without Tide.
+    tide_targets: str = ""
+    tide_token: SecretStr | None = None
+
     # Metrics, logs, shutdown.
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9101, ge=0, le=65535)

@@ -45,6 +45,7 @@ from aiokafka.partitioner import murmur2
 
 from clisonix.tide.v1 import tide_pb2, tide_pb2_grpc
 from services.common import errors
+from services.common.settings import ServiceSettings
 from services.tide.codec import command_to_proto
 from services.tide.state import Change, Command, Entry, Outcome, Version
 
@@ -466,6 +467,15 @@ class TideCache:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def client_from_settings(settings: ServiceSettings, **options: Any) -> TideClient | None:
+    """A client of the replicas in settings.tide_targets, or None when the service runs without Tide."""
+    targets = [t.strip() for t in settings.tide_targets.split(",") if t.strip()]
+    if not targets:
+        return None
+    token = settings.tide_token.get_secret_value() if settings.tide_token is not None else None
+    return TideClient(targets, token=token, **options)
 
 
 # -- typed helpers --------------------------------------------------------------------------------------------
