@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,3 +253,56 @@ async def inference_service(inference_settings: Callable[..., object]) -> AsyncI
     yield start
     for service in reversed(started):
         await service.stop()
+
+
+@pytest.fixture
+def tide_settings(broker: EmbeddedBroker, topic_name: Callable[[str], str]) -> Callable[..., object]:
+    """Builds TideSettings for a test: loopback, port 0, one unique command log per test."""
+    from services.tide.settings import TideSettings
+
+    topic = topic_name("tide-log")
+
+    def make(**overrides: Any) -> TideSettings:
+        values: dict[str, Any] = {
+            "kafka_bootstrap_servers": broker.bootstrap_servers,
+            "grpc_host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
+            "topic_log": topic,
+            "kafka_topic_partitions": 3,
+            "kafka_request_timeout_ms": 5000,
+            "kafka_session_timeout_ms": 6000,
+            "drain_seconds": 0.5,
+            "log_format": "text",
+            "energy_source": "estimate",
+        }
+        values.update(overrides)
+        return TideSettings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def tide_replica(tide_settings: Callable[..., object]) -> AsyncIterator[Callable[..., Any]]:
+    """Starts in-process Tide replicas and returns (service, stub); stops them (and closes channels) after the
+    test."""
+    import grpc
+
+    from clisonix.tide.v1 import tide_pb2_grpc
+    from services.tide.service import TideService
+
+    started: list[tuple[Any, Any]] = []
+
+    async def start(**overrides: Any) -> tuple[Any, Any]:
+        service = TideService(tide_settings(**overrides))  # type: ignore[arg-type]
+        await service.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        started.append((service, channel))
+        return service, tide_pb2_grpc.TideServiceStub(channel)
+
+    yield start
+    for service, channel in reversed(started):
+        await channel.close()
+        if not service.runtime.lifecycle.stop.is_set():  # a test may have stopped it already
+            await service.stop()

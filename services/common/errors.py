@@ -49,3 +49,9 @@ class Unavailable(ClisonixError):
 
 class DeadlineExceeded(ClisonixError):
     code = "DEADLINE_EXCEEDED"
+
+
+class Aborted(ClisonixError):
+    """A concurrency conflict that outlasted its retries (e.g. a compare-and-set that kept losing)."""
+
+    code = "ABORTED"

@@ -23,6 +23,7 @@ from services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
 from services.common.validation import check_size, layout_of, validate_chunk
 from services.ingest.pseudonyms import Pseudonymiser
 from services.ingest.sequencing import Admission, StreamBook, TokenBucket
+from services.ingest.sessions import SessionRegistry
 from services.ingest.settings import IngestSettings
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,14 @@ class IngestPipeline:
         producer: EventProducer,
         metrics: ServiceMetrics,
         ingest_metrics: IngestMetrics | None = None,
+        sessions: SessionRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.producer = producer
         self.metrics = metrics
         self.ingest_metrics = ingest_metrics or IngestMetrics.create(metrics)
+        # Records each session's streams in Tide, when the service runs with Tide.
+        self.sessions = sessions
         self.pseudonyms = Pseudonymiser(settings.pseudonym_key.get_secret_value().encode())
         self.book = StreamBook(settings.dedupe_window, settings.max_tracked_streams)
         # Writes in flight per (session, stream, sequence), so a duplicate of one can wait for its answer.
@@ -212,6 +216,8 @@ class IngestPipeline:
             counters.chunks.inc()
             counters.samples.inc(chunk.sample_count)
             self._records_out.inc()
+            if self.sessions is not None:
+                self.sessions.note(chunk)
             state = self.book.state(key)
             if ack_future.done():  # nobody is waiting for it any more; the write is accounted for above
                 return

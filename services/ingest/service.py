@@ -9,7 +9,9 @@ from services.common.rpc import GrpcServer
 from services.common.runtime import ServiceRuntime
 from services.ingest.api import SERVICE_NAME, WRITE_METHODS, IngestServicer, register
 from services.ingest.pipeline import SOURCE, IngestPipeline
+from services.ingest.sessions import RegistryMetrics, SessionRegistry
 from services.ingest.settings import IngestSettings
+from services.tide.client import client_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ class IngestService:
         self.runtime = runtime or ServiceRuntime(settings)
         self.grpc: GrpcServer | None = None
         self.pipeline: IngestPipeline | None = None
+        self.sessions: SessionRegistry | None = None
 
     @property
     def grpc_port(self) -> int:
@@ -35,7 +38,13 @@ class IngestService:
         if settings.create_topics:
             await ensure_topics(settings, [settings.topic_raw, settings.topic_deadletter])
         producer = await runtime.lifecycle.stack.enter_async_context(kafka_producer(settings, SOURCE))
-        self.pipeline = IngestPipeline(settings, producer, runtime.metrics)
+        tide = client_from_settings(settings)
+        self.sessions = None
+        if tide is not None:
+            runtime.lifecycle.stack.push_async_callback(tide.close)
+            self.sessions = SessionRegistry(tide, RegistryMetrics.create(runtime.metrics))
+            runtime.run_task(self.sessions.run, "session-registry")
+        self.pipeline = IngestPipeline(settings, producer, runtime.metrics, sessions=self.sessions)
         servicer = IngestServicer(self.pipeline, settings.max_unacked_per_stream)
         self.grpc = GrpcServer(settings, [SERVICE_NAME], register(servicer), auth_methods=WRITE_METHODS)
         await runtime.serve_grpc(self.grpc)

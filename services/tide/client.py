@@ -528,6 +528,31 @@ async def put_session(client: TideClient, session: str, subject: str, streams: l
     return await client.put(session_key(session), _encode({"subject": subject, "streams": streams}), JSON)
 
 
+async def add_session_streams(
+    client: TideClient, session: str, subject: str, streams: Sequence[dict[str, Any]], *, attempts: int = 10
+) -> WriteResult | None:
+    """Adds `streams` (layouts with a "stream_id") to the session's record, keeping the streams other writers
+    registered: read, merge, compare-and-set on the version read, again on a conflict. Returns the applied write,
+    or None when every stream was already there. Raises Aborted after `attempts` conflicts in a row."""
+    key = session_key(session)
+    for _ in range(attempts):
+        entry = await client.get(key)
+        record = _decode(entry) or {"subject": subject, "streams": []}
+        known = {s["stream_id"] for s in record["streams"]}
+        added = [s for s in streams if s["stream_id"] not in known]
+        if not added:
+            return None
+        record["streams"] = sorted([*record["streams"], *added], key=lambda s: str(s["stream_id"]))
+        record["subject"] = record.get("subject") or subject
+        if entry is None:
+            result = await client.compare_and_set(key, _encode(record), JSON, expect_absent=True)
+        else:
+            result = await client.compare_and_set(key, _encode(record), JSON, expected=entry.version)
+        if result.applied:
+            return result
+    raise errors.Aborted(f"session record kept changing over {attempts} attempts", reason="cas_contention")
+
+
 async def get_session(client: TideClient, session: str) -> SessionRecord | None:
     data = _decode(await client.get(session_key(session)))
     return None if data is None else SessionRecord(data["subject"], data["streams"])
