@@ -310,11 +310,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return ingest_bench.main(args.bench_args)
 
 
+def cmd_tide_reseed(args: argparse.Namespace) -> int:
+    """Re-seeds the Tide command log from a snapshot, showing progress."""
+    from rich.console import Console
+
+    from services.common.errors import ClisonixError
+    from services.tide.admin import reseed
+    from services.tide.settings import TideSettings
+
+    console = Console(highlight=False)
+    settings = TideSettings()
+
+    def progress(done: int, total: int) -> None:
+        console.print(f"  {done:,} / {total:,} keys appended")
+
+    try:
+        report = asyncio.run(reseed(settings, args.snapshot, force=args.force, progress=progress))
+    except ClisonixError as exc:
+        console.print(f"not re-seeded: {exc}", markup=False)
+        return 1
+    behind = sorted(p for p, reached in report.log_reached.items() if not reached)
+    console.print(
+        f"{report.keys:,} keys appended to {settings.topic_log} in {report.seconds:.1f} s "
+        f"(partitions behind the snapshot: {behind or 'none, forced'}). Restart the replicas with their snapshot "
+        "files removed; clients must drop remembered versions.",
+        markup=False,
+    )
+    return 0
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     """Runs a step of the model pipeline (services.inference.pipeline)."""
     from services.inference.pipeline import main as model_main
 
     return model_main(args)
+
+
+def cmd_model_activate(args: argparse.Namespace) -> int:
+    """Writes Tide's active model record of a task (services.inference.activation)."""
+    from services.inference.activation import activate_command
+
+    return activate_command(args.task, args.model, args.version, args.tide, args.repository)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -466,6 +502,34 @@ def build_parser() -> argparse.ArgumentParser:
         step_parser = steps.add_parser(step, help=text, description=text[0].upper() + text[1:] + ".")
         _model_arguments(step_parser)
         step_parser.set_defaults(func=cmd_model)
+    activate = steps.add_parser(
+        "activate",
+        help="make a model version the active one of a task in Tide (models/active/<task>)",
+        description="Checks that the model version is in the local repository and made for the task, then writes "
+        "Tide's models/active/<task> record (inference services with CLISONIX_TIDE_TARGETS switch to it) and "
+        "prints the Tide version it was written at.",
+    )
+    activate.add_argument("--task", required=True, help="the task, e.g. ecg-beat")
+    activate.add_argument("--model", required=True, help="the model name, e.g. ecg-beat-pruned")
+    activate.add_argument("--version", required=True, help="the model version, e.g. 1")
+    activate.add_argument(
+        "--tide", metavar="HOST:PORT", help="Tide replica(s) (default $CLISONIX_TIDE_TARGETS or 127.0.0.1:50054)"
+    )
+    activate.add_argument("--repository", help="model repository folder (default models)")
+    activate.set_defaults(func=cmd_model_activate)
+
+    reseed = sub.add_parser(
+        "tide-reseed",
+        help="re-seed Tide's command log from a replica's snapshot after the log lost records",
+        description="When the command log is younger than a replica's snapshot (the replica reports "
+        "log_behind_snapshot and stops serving), appends one Put per key of the snapshot to the log. Then restart "
+        "the replicas with their snapshot files removed: they replay the log and hold the snapshot's keys and "
+        "values again, at new versions. Refuses when the log still holds the snapshot's position (--force to "
+        "re-seed anyway). Kafka and the topic come from the CLISONIX_* settings, as for the tide service.",
+    )
+    reseed.add_argument("--snapshot", required=True, type=Path, help="the replica's snapshot file")
+    reseed.add_argument("--force", action="store_true", help="re-seed even if the log is not behind")
+    reseed.set_defaults(func=cmd_tide_reseed)
 
     for name in SERVICES:
         service = sub.add_parser(
