@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
@@ -33,6 +34,9 @@ from services.fusion.settings import FusionSettings
 from services.fusion.streams import RawChunk
 from services.fusion.windows import Emitted, SessionWindows, WindowConfig
 
+if TYPE_CHECKING:
+    from services.fusion.baselines import CalibrationStore
+
 log = logging.getLogger(__name__)
 
 SOURCE = "//clisonix/fusion"
@@ -47,6 +51,8 @@ class FusionMetrics:
     windows_total: PromCounter
     chunk_events_total: PromCounter
     sessions: Gauge
+    calibration_writes_total: PromCounter
+    calibrated_streams_total: PromCounter
 
     @classmethod
     def create(cls, metrics: ServiceMetrics) -> FusionMetrics:
@@ -68,6 +74,18 @@ class FusionMetrics:
                 registry=registry,
             ),
             sessions=Gauge("clisonix_fusion_sessions", "Sessions held by this worker", registry=registry),
+            calibration_writes_total=PromCounter(
+                "clisonix_fusion_calibration_writes",
+                "Calibration baseline writes to Tide by outcome (applied, conflict, failed), and stored values "
+                "that were not baselines (invalid)",
+                ["outcome"],
+                registry=registry,
+            ),
+            calibrated_streams_total=PromCounter(
+                "clisonix_fusion_calibrated_streams",
+                "Stream windows produced with a calibration baseline and delta",
+                registry=registry,
+            ),
         )
 
 
@@ -100,6 +118,7 @@ class _Partition:
     def __init__(self) -> None:
         self.sessions: dict[str, SessionWindows] = {}
         self.last_record_at: dict[str, float] = {}
+        self.subjects: dict[str, str] = {}  # session -> subject pseudonym, for calibration
         self.position: int | None = None  # offset after the last record handled
 
 
@@ -115,9 +134,11 @@ class FusionWorker:
         metrics: ServiceMetrics,
         fusion_metrics: FusionMetrics,
         on_window_emitted: Callable[[float], None] | None = None,
+        calibration: CalibrationStore | None = None,
     ) -> None:
         """on_window_emitted: called with each window's emit latency in seconds (what the histogram observes),
         for callers that need exact figures (the benchmark); may also be set on the attribute after construction.
+        calibration: fills each window's per-subject calibration from Tide (None: fusion runs without Tide).
         """
         self.settings = settings
         self.config = window_config(settings)
@@ -127,6 +148,7 @@ class FusionWorker:
         self.metrics = metrics
         self.fusion_metrics = fusion_metrics
         self.on_window_emitted = on_window_emitted
+        self.calibration = calibration
         self.partitions: dict[TopicPartition, _Partition] = {}
         self._in_flight: list[asyncio.Future[RecordMetadata]] = []
         self._events: Counter[str] = Counter()
@@ -134,7 +156,17 @@ class FusionWorker:
         service = settings.service_name
         self._stage = {
             stage: metrics.stage_latency_seconds.labels(service, stage)
-            for stage in ("decode", "place", "assemble", "filter", "resample", "features", "produce", "commit")
+            for stage in (
+                "decode",
+                "place",
+                "assemble",
+                "filter",
+                "resample",
+                "features",
+                "calibrate",
+                "produce",
+                "commit",
+            )
         }
         self._records_in = metrics.records_in_total.labels(service, settings.topic_raw)
         self._records_out = metrics.records_out_total.labels(service, settings.topic_fused)
@@ -179,6 +211,7 @@ class FusionWorker:
         """Decodes one raw record, adds it to its session and produces the windows it completes."""
         state = self.partitions.setdefault(tp, _Partition())
         self._records_in.inc()
+        subject = ""
         try:
             with self._timed("decode"):
                 chunk, _ = decode_event(signal_pb2.SignalChunk, record.value, record.headers)
@@ -193,6 +226,9 @@ class FusionWorker:
             with self._timed("place"):
                 session.add(RawChunk(chunk, record.partition, record.offset))
             state.last_record_at[chunk.session_id] = time.monotonic()
+            if chunk.subject_id:
+                state.subjects[chunk.session_id] = chunk.subject_id
+            subject = state.subjects.get(chunk.session_id, "")
             emitted = session.take_ready()
         except UndecodableEvent as exc:
             await self.dead_letters.publish(record, exc.reason, exc.detail)
@@ -201,7 +237,7 @@ class FusionWorker:
             await self.dead_letters.publish(record, exc.reason, str(exc))
             emitted = []
         state.position = record.offset + 1
-        await self._produce(emitted, received, "watermark")
+        await self._produce(emitted, received, "watermark", subject)
         self._export_events()
 
     async def flush_idle(self) -> None:
@@ -217,14 +253,19 @@ class FusionWorker:
                 if now - last < self.settings.idle_flush_seconds:
                     continue
                 session = state.sessions[session_id]
-                await self._produce(session.take_ready(flushing=True), now, "idle")
+                subject = state.subjects.pop(session_id, "")
+                await self._produce(session.take_ready(flushing=True), now, "idle", subject)
                 del state.sessions[session_id]
                 del state.last_record_at[session_id]
         self.fusion_metrics.sessions.set(self.session_count)
 
-    async def _produce(self, emitted: list[Emitted], received: float, trigger: str) -> None:
+    async def _produce(self, emitted: list[Emitted], received: float, trigger: str, subject: str = "") -> None:
+        """Sends the windows (subject: the session's subject pseudonym, for calibration; "" for none)."""
         for item in emitted:
             window = item.window
+            if self.calibration is not None and subject:
+                with self._timed("calibrate"):
+                    self.calibration.annotate(subject, window)
             with self._timed("produce"):
                 future = await self.producer.send(
                     self.settings.topic_fused, window.session_id, window, event_id=window.window_id

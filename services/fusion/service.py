@@ -9,8 +9,10 @@ from aiokafka import AIOKafkaConsumer
 from services.common.kafka import DeadLetters, consumer_options, ensure_topics, kafka_producer
 from services.common.rpc import GrpcServer
 from services.common.runtime import ServiceRuntime
+from services.fusion.baselines import CalibrationStore
 from services.fusion.handlers import SOURCE, FusionMetrics, FusionWorker
 from services.fusion.settings import FusionSettings
+from services.tide.client import client_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ class FusionService:
         self.runtime = runtime or ServiceRuntime(settings)
         self.grpc: GrpcServer | None = None
         self.worker: FusionWorker | None = None
+        self.calibration: CalibrationStore | None = None
 
     @property
     def grpc_port(self) -> int:
@@ -43,9 +46,22 @@ class FusionService:
             settings.consumer_group,
             lambda reason: runtime.metrics.deadlettered_total.labels(settings.service_name, reason).inc(),
         )
+        fusion_metrics = FusionMetrics.create(runtime.metrics)
+        tide = client_from_settings(settings)
+        if tide is not None:
+            # Closed after the worker stops (the stack unwinds in reverse), so no window annotates a closed cache.
+            self.calibration = CalibrationStore(tide, settings, fusion_metrics)
+            stack.push_async_callback(self.calibration.close)
+            await self.calibration.start()
         consumer = AIOKafkaConsumer(**consumer_options(settings, settings.consumer_group))
         self.worker = FusionWorker(
-            settings, consumer, producer, dead_letters, runtime.metrics, FusionMetrics.create(runtime.metrics)
+            settings,
+            consumer,
+            producer,
+            dead_letters,
+            runtime.metrics,
+            fusion_metrics,
+            calibration=self.calibration,
         )
         consumer.subscribe([settings.topic_raw], listener=self.worker.listener())
         await consumer.start()
@@ -61,6 +77,7 @@ class FusionService:
                     "grpc_port": self.grpc.port,
                     "topic_in": settings.topic_raw,
                     "topic_out": settings.topic_fused,
+                    "calibration": self.calibration is not None,
                 }
             },
         )

@@ -77,6 +77,16 @@ class FusionSettings(ServiceSettings):
     max_sessions: int = Field(default=10_000, gt=0)
     max_streams_per_session: int = Field(default=64, gt=0)
     commit_interval_seconds: float = Field(default=1.0, gt=0)
+    # Per-subject calibration baselines (only with CLISONIX_TIDE_TARGETS set): the median of each scalar feature
+    # over a subject's first calibration_windows good windows of a modality, stored in Tide at
+    # calibration/<subject>/<modality>. A good window has none of the missing, clipped, flat and reset flags and
+    # covers at least calibration_min_coverage of the window.
+    calibration_windows: int = Field(default=30, ge=1, le=10_000)
+    calibration_min_coverage: float = Field(default=0.95, ge=0, le=1)
+    # A baseline write that failed (or found no baseline in the cache afterwards) is tried again after this.
+    calibration_retry_seconds: float = Field(default=5.0, gt=0)
+    # Subjects x modalities whose baselines one worker gathers at once (the least recently fed are dropped).
+    calibration_max_pending: int = Field(default=10_000, gt=0)
 
     @model_validator(mode="after")
     def _windows(self) -> FusionSettings:

@@ -381,6 +381,7 @@ class StreamWindow(_message.Message):
     CHUNKS_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     modality: _signal_pb2.Modality.ValueType
     sample_rate_hz: _builtins.float
@@ -412,6 +413,12 @@ class StreamWindow(_message.Message):
 
     @_builtins.property
     def features(self) -> Global___StreamFeatures: ...
+    @_builtins.property
+    def calibration(self) -> Global___Calibration:
+        """The subject's calibration baseline for this modality and how this window differs from it; absent when
+        fusion runs without Tide, the session has no subject, or no baseline is known yet.
+        """
+
     def __init__(
         self,
         *,
@@ -431,14 +438,129 @@ class StreamWindow(_message.Message):
         chunks: Global___ChunkRange | None = ...,
         filters: _abc.Iterable[_builtins.str] | None = ...,
         features: Global___StreamFeatures | None = ...,
+        calibration: Global___Calibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "features", b"features", "quality", b"quality"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "chunks", b"chunks", "features", b"features", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_names", b"channel_names", "channel_units", b"channel_units", "chunks", b"chunks", "clock_offset_s", b"clock_offset_s", "coverage", b"coverage", "effective_rate_hz", b"effective_rate_hz", "features", b"features", "filters", b"filters", "jitter_s", b"jitter_s", "modality", b"modality", "nominal_rate_hz", b"nominal_rate_hz", "quality", b"quality", "sample_count", b"sample_count", "sample_rate_hz", b"sample_rate_hz", "samples", b"samples", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "channel_names", b"channel_names", "channel_units", b"channel_units", "chunks", b"chunks", "clock_offset_s", b"clock_offset_s", "coverage", b"coverage", "effective_rate_hz", b"effective_rate_hz", "features", b"features", "filters", b"filters", "jitter_s", b"jitter_s", "modality", b"modality", "nominal_rate_hz", b"nominal_rate_hz", "quality", b"quality", "sample_count", b"sample_count", "sample_rate_hz", b"sample_rate_hz", "samples", b"samples", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamWindow: _TypeAlias = StreamWindow  # noqa: Y015
+
+@_typing.final
+class Calibration(_message.Message):
+    """A per-subject resting baseline of one modality's scalar features and this window's difference from it.
+    The baseline is the median of each feature over the subject's first N good windows (no missing, clipped, flat
+    or reset flag, coverage at least the configured minimum; N = CLISONIX_CALIBRATION_WINDOWS). The first fusion
+    worker to gather them writes it to Tide at calibration/<subject pseudonym>/<modality> with an expect-absent
+    compare-and-set, so concurrent workers agree on exactly one baseline. Unlike the rest of the window, this field
+    depends on what Tide held when the window was produced: a window re-produced after a failover may carry a
+    calibration its first copy did not.
+
+    Feature names are the scalar fields of the modality's features message ("heart_rate_bpm", "tonic_level", ...);
+    for EEG, "<channel>.<band>" ("C3.alpha").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BaselineEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class DeltaEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class BaselineCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    BASELINE_WINDOWS_FIELD_NUMBER: _builtins.int
+    BASELINE_COUNTS_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    """The subject's pseudonym (SignalChunk.subject_id, pseudonymised at ingest)."""
+    baseline_windows: _builtins.int
+    """How many windows the baseline was gathered from (N)."""
+    @_builtins.property
+    def baseline(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Feature name -> median over the baseline windows."""
+
+    @_builtins.property
+    def delta(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Feature name -> this window's value minus the baseline median (features this window has, finite values only)."""
+
+    @_builtins.property
+    def baseline_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Feature name -> how many of those windows had the feature (a feature may be absent from some)."""
+
+    def __init__(
+        self,
+        *,
+        subject_id: _builtins.str = ...,
+        baseline: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        delta: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        baseline_windows: _builtins.int = ...,
+        baseline_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_counts", b"baseline_counts", "baseline_windows", b"baseline_windows", "delta", b"delta", "subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Calibration: _TypeAlias = Calibration  # noqa: Y015
 
 @_typing.final
 class FusedWindow(_message.Message):
