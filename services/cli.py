@@ -63,7 +63,11 @@ class Platform:
             self.broker = EmbeddedBroker(port=9092 + self.port_offset, log_path=self.log_dir / "broker.log").start()
             bootstrap = self.broker.bootstrap_servers
         env = local_environment(bootstrap)
-        for name in self.services:
+        # Tide first: the others keep shared state in it (session registry, active models, calibration baselines).
+        ordered = sorted(self.services, key=lambda name: name != "tide")
+        if "tide" in ordered and "CLISONIX_TIDE_TARGETS" not in os.environ:
+            env["CLISONIX_TIDE_TARGETS"] = f"127.0.0.1:{DEFAULT_PORTS['tide'][0] + self.port_offset}"
+        for name in ordered:
             grpc_port, metrics_port = (port + self.port_offset for port in DEFAULT_PORTS[name])
             process = ServiceProcess(name, grpc_port, metrics_port, env, self.log_dir / f"{name}.log")
             self.processes.append(process)
@@ -255,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
     log_dir = Path(tempfile.mkdtemp(prefix="clisonix-demo-"))
-    platform = Platform(None, ["ingest", "fusion", "inference"], log_dir, args.port_offset)
+    platform = Platform(None, ["tide", "ingest", "fusion", "inference"], log_dir, args.port_offset)
     print("starting the embedded broker and the services ...", flush=True)
     platform.start()
     try:
@@ -266,6 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
         ingest = next(p for p in platform.processes if p.name == "ingest")
+        tide = next(p for p in platform.processes if p.name == "tide")
         return asyncio.run(
             run_demo(
                 ingest.target,
@@ -274,6 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 args.speed,
                 args.duration,
                 topic_results="clisonix.inference.results.v1",
+                tide_target=tide.target,
             )
         )
     finally:

@@ -196,9 +196,11 @@ async def run_demo(
     duration_s: float,
     settle_s: float = 15.0,
     topic_results: str | None = None,
+    tide_target: str | None = None,
 ) -> int:
     """Streams the demo recordings, shows fused windows (and with `topic_results`, the predictions) live,
-    prints a summary; returns an exit code."""
+    prints a summary (with `tide_target`, also the shared state the services keep in Tide); returns an exit
+    code."""
     from rich.console import Console
     from rich.live import Live
 
@@ -271,7 +273,33 @@ async def run_demo(
     if topic_results is not None:
         print(prediction_summary(views), flush=True)
         ok = ok and all(view.predictions > 0 for view in views.values())
+    if tide_target is not None:
+        summary, registered = await tide_summary(tide_target, views)
+        print(summary, flush=True)
+        ok = ok and registered
     return 0 if ok else 3
+
+
+async def tide_summary(target: str, views: dict[str, SessionView]) -> tuple[str, bool]:
+    """What the services keep in Tide after the replay: each session's registered streams, the calibration
+    baselines and active models; and whether every demo session was registered. Shows no pseudonyms."""
+    from services.tide.client import TideClient, get_session
+
+    async with TideClient(target) as client:
+        parts = []
+        registered = True
+        for label, view in views.items():
+            record = await get_session(client, view.pseudonym) if view.pseudonym else None
+            registered = registered and record is not None
+            streams = sorted({s["modality"] for s in record.streams}) if record is not None else []
+            parts.append(f"{label} session registered with {', '.join(streams) or 'no'} streams")
+        baselines = await client.list("calibration/")
+        active = await client.list("models/active/")
+    models = ", ".join(f"{e.key.rsplit('/', 1)[1]} -> {e.value.decode()}" for e in active) or "none set"
+    return (
+        "tide: " + "; ".join(parts) + f"; {len(baselines)} calibration baselines; active models: {models}",
+        registered,
+    )
 
 
 def prediction_summary(views: dict[str, SessionView]) -> str:

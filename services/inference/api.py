@@ -21,6 +21,7 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.errors import InvalidArgument
 from services.inference.metrics import InferenceMetrics
 from services.inference.repository import ModelArtifact, TensorSpec
+from services.inference.selection import ModelChoice, request_version
 from services.inference.serving import ModelServer
 from services.inference.tensors import CONTENTS_FIELDS, datatype_of, from_raw, from_values, to_raw
 
@@ -87,11 +88,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 gRPC API over a ModelServer.
 
     models: the loaded models. metrics: where ModelInfer latencies go (path "grpc"; None: nowhere).
+    active: the task's active model (services.inference.activation); a ModelInfer request for that model naming
+        no version runs the active version instead of the newest (None: always the newest).
     """
 
-    def __init__(self, models: ModelServer, metrics: InferenceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        models: ModelServer,
+        metrics: InferenceMetrics | None = None,
+        active: Callable[[], ModelChoice | None] | None = None,
+    ) -> None:
         self.models = models
         self.metrics = metrics
+        self.active = active
         self.version = server_version()
 
     async def ServerLive(
@@ -131,7 +140,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         started = time.perf_counter()
-        artifact, batcher = self.models.get(request.model_name, request.model_version)
+        active = self.active() if self.active is not None else None
+        version = request_version(request.model_name, request.model_version, active)
+        artifact, batcher = self.models.get(request.model_name, version)
         inputs = decode_inputs(request)
         names = requested_outputs(request, artifact)
         result = await batcher.infer(inputs)

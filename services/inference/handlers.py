@@ -25,7 +25,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,7 +50,7 @@ from services.inference.settings import InferenceSettings
 
 if TYPE_CHECKING:  # the runtimes behind them load torch and onnxruntime; the types alone need neither
     from services.inference.batching import BatchResult, DynamicBatcher
-    from services.inference.serving import ModelServer
+    from services.inference.serving import ModelServer, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,8 @@ class InferenceWorker:
     inference_metrics: where each window's latency (path "kafka") is recorded (None: nowhere).
     max_in_flight: windows fetched and predicted at once (their requests batch together).
     recent_windows: how many predicted window ids are remembered to drop re-deliveries.
+    active: when given, the served model version to predict with from the next fetch on (Tide's active model of
+        the worker's task, services.inference.activation); `model` and `batcher` are the first one.
     """
 
     def __init__(
@@ -314,6 +316,7 @@ class InferenceWorker:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         recent_windows: int = DEFAULT_RECENT_WINDOWS,
         commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S,
+        active: Callable[[], ServedModel | None] | None = None,
     ) -> None:
         if max_in_flight < 1 or recent_windows < 1:
             raise ValueError("max_in_flight and recent_windows must be >= 1")
@@ -323,9 +326,9 @@ class InferenceWorker:
         self.dead_letters = dead_letters
         self.metrics = metrics
         self.worker_metrics = worker_metrics
-        self.model = model.metadata
-        self.batcher = batcher
-        self.decoding = BeatDecoding.from_metadata(model.metadata)
+        self.inference_metrics = inference_metrics
+        self.active = active
+        self._use(model, batcher)
         self.max_in_flight = max_in_flight
         self.recent_windows = recent_windows
         self.commit_interval_s = commit_interval_s
@@ -343,15 +346,43 @@ class InferenceWorker:
         self._records_in = metrics.records_in_total.labels(service, settings.topic_fused)
         self._records_out = metrics.records_out_total.labels(service, settings.topic_results)
         self._lag = metrics.consumer_lag_records.labels(service, settings.topic_fused)
+
+    def _use(self, model: ModelArtifact, batcher: DynamicBatcher) -> None:
+        """Predicts with `model` through `batcher` from the next fetch on."""
+        self.artifact = model
+        self.model = model.metadata
+        self.batcher = batcher
+        self.decoding = BeatDecoding.from_metadata(model.metadata)
         self._latency = (
-            inference_metrics.request_latency_seconds.labels(model=self.model.name, path="kafka")
-            if inference_metrics is not None
+            self.inference_metrics.request_latency_seconds.labels(model=self.model.name, path="kafka")
+            if self.inference_metrics is not None
             else None
         )
         self._outcomes = {
-            outcome: worker_metrics.predictions_total.labels(self.model.name, outcome)
+            outcome: self.worker_metrics.predictions_total.labels(self.model.name, outcome)
             for outcome in ("predicted", "skipped")
         }
+
+    def follow_active(self) -> None:
+        """Switches to the model version `active` names when it changed (called between fetches only, so that
+        every window of a fetch, and every row of its batches, runs on one model version)."""
+        if self.active is None:
+            return
+        served = self.active()
+        if served is None or (served.artifact is self.artifact and served.batcher is self.batcher):
+            return
+        log.info(
+            "inference worker switches model",
+            extra={
+                "fields": {
+                    "from_model": self.model.name,
+                    "from_version": self.model.version,
+                    "model": served.artifact.metadata.name,
+                    "version": served.artifact.metadata.version,
+                }
+            },
+        )
+        self._use(served.artifact, served.batcher)
 
     def listener(self) -> ConsumerRebalanceListener:
         """The rebalance listener to subscribe with: commits what was handled and forgets revoked partitions."""
@@ -373,6 +404,7 @@ class InferenceWorker:
         while not stop.is_set():
             batches = await self.consumer.getmany(timeout_ms=100, max_records=self.max_in_flight)
             received = time.monotonic()
+            self.follow_active()
             if batches:
                 await self.handle(batches, received)
             self._lag.set(self.lag_records())
@@ -493,6 +525,7 @@ async def start_worker(
     runtime: ServiceRuntime,
     models: ModelServer,
     metrics: InferenceMetrics | None = None,
+    active: Callable[[], ServedModel | None] | None = None,
 ) -> InferenceWorker:
     """Starts the Kafka worker on the runtime's lifecycle: producer, dead letters, consumer group member and the
     worker task, stopped in reverse order on shutdown (before the model server's batchers close, which were
@@ -501,8 +534,11 @@ async def start_worker(
     models: the loaded model server; the worker runs settings.worker_model (worker_model_version, or the newest)
         through that version's shared batcher. NotFound when it is not served.
     metrics: the inference metrics the worker's per-window latency goes to.
+    active: the model version to serve instead, read between fetches (Tide's active model for settings.task;
+        None: always settings.worker_model).
     """
-    artifact, batcher = models.get(settings.worker_model, settings.worker_model_version)
+    current = active() if active is not None else None
+    artifact, batcher = current or models.get(settings.worker_model, settings.worker_model_version)
     stack = runtime.lifecycle.stack
     if settings.create_topics:
         await ensure_topics(settings, [settings.topic_fused, settings.topic_results, settings.topic_deadletter])
@@ -524,6 +560,7 @@ async def start_worker(
         artifact,
         batcher,
         metrics,
+        active=active,
     )
     consumer.subscribe([settings.topic_fused], listener=worker.listener())
     await consumer.start()

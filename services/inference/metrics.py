@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS, PREFIX, ServiceMetrics
 
@@ -26,7 +26,9 @@ class InferenceMetrics:
         arrival to answer; queue_delay_seconds{model}: a request's wait in its model's batcher;
     batch_size{model}: rows per forward pass; compute_seconds{model}: wall time of each forward pass;
     energy_joules{model,variant,source}: each request's share of its batch's energy ("estimate" is never a
-        measurement: the label says so).
+        measurement: the label says so);
+    active_model_info{task,model,version,source}: 1 for the model version serving the task (source "tide" or
+        "default"; only with Tide, and only served model versions are ever labels, never a record's text).
     """
 
     request_latency_seconds: Histogram
@@ -34,6 +36,7 @@ class InferenceMetrics:
     batch_size: Histogram
     compute_seconds: Histogram
     energy_joules: Histogram
+    active_model_info: Gauge
 
     @classmethod
     def create(cls, metrics: ServiceMetrics) -> InferenceMetrics:
@@ -74,6 +77,12 @@ class InferenceMetrics:
                 "pass's CPU time (rapl, nvml: measured machine energy; estimate: CPU time x watts per core)",
                 ["model", "variant", "source"],
                 buckets=JOULE_BUCKETS,
+                registry=registry,
+            ),
+            active_model_info=Gauge(
+                f"{PREFIX}_inference_active_model_info",
+                "1 for the model version the Kafka worker serves its task with (source: tide or default)",
+                ["task", "model", "version", "source"],
                 registry=registry,
             ),
         )

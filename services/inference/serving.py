@@ -15,7 +15,8 @@ from services.common.errors import FailedPrecondition, NotFound
 from services.inference.backends import Backend, load_backend
 from services.inference.batching import DynamicBatcher
 from services.inference.metrics import InferenceMetrics
-from services.inference.repository import ModelArtifact, ModelRepository
+from services.inference.repository import ModelArtifact, ModelRepository, read_artifact
+from services.inference.selection import is_path_segment
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -79,24 +80,59 @@ class ModelServer:
             log.warning("no models to serve", extra={"fields": {"repository": str(self.repository_root)}})
         for name in names:
             for version in repository.versions(name):
-                artifact = repository.get(name, version)
-                backend: Backend = await asyncio.to_thread(load_backend, artifact)
-                batcher = DynamicBatcher(
-                    backend, self.max_batch_size, self.max_queue_delay_s, self.energy, self.metrics
-                )
-                self.models.setdefault(name, {})[version] = ServedModel(artifact, batcher)
-                log.info(
-                    "model loaded",
-                    extra={
-                        "fields": {
-                            "model": name,
-                            "version": version,
-                            "variant": artifact.metadata.variant,
-                            "runtime": artifact.metadata.runtime,
-                        }
-                    },
-                )
+                await self._add(repository.get(name, version))
         self._loaded = True
+
+    async def _add(self, artifact: ModelArtifact) -> ServedModel:
+        """Loads an artifact's backend (off the event loop) and serves it with its own batcher."""
+        backend: Backend = await asyncio.to_thread(load_backend, artifact)
+        batcher = DynamicBatcher(backend, self.max_batch_size, self.max_queue_delay_s, self.energy, self.metrics)
+        name, version = artifact.metadata.name, artifact.metadata.version
+        served = ServedModel(artifact, batcher)
+        self.models.setdefault(name, {})[version] = served
+        log.info(
+            "model loaded",
+            extra={
+                "fields": {
+                    "model": name,
+                    "version": version,
+                    "variant": artifact.metadata.variant,
+                    "runtime": artifact.metadata.runtime,
+                }
+            },
+        )
+        return served
+
+    async def load_version(self, name: str, version: str) -> ServedModel:
+        """A model version, served already or loaded now from the repository's <name>/<version> folder (a model
+        left out of `names` is served from then on, all calls alike).
+
+        name: one folder name of the repository. version: a positive integer.
+        NotFound when the repository has no such model version; FailedPrecondition when it cannot be loaded
+        (damaged, unreadable, or the server is shutting down).
+        """
+        served = self.models.get(name, {}).get(version)
+        if served is not None:
+            return served
+        if self._draining:
+            raise FailedPrecondition("the model server is shutting down")
+        if not is_path_segment(name) or not version.isdigit() or int(version) < 1:
+            raise NotFound(f"no model {name!r} version {version!r} in the repository", reason="version")
+        folder = self.repository_root / name / version
+        if not folder.is_dir():
+            raise NotFound(f"no model {name!r} version {version!r} in the repository", reason="version")
+        artifact = await asyncio.to_thread(read_artifact, folder)
+        if (artifact.metadata.name, artifact.metadata.version) != (name, version):
+            raise FailedPrecondition(
+                f"{name}/{version} holds model {artifact.metadata.name!r} version {artifact.metadata.version!r}"
+            )
+        served = self.models.get(name, {}).get(version)  # loaded meanwhile by another caller
+        if served is not None:
+            return served
+        try:
+            return await self._add(artifact)
+        except Exception as exc:  # torch / onnxruntime raise their own types for an unloadable file
+            raise FailedPrecondition(f"model {name!r} version {version!r} does not load: {exc}") from exc
 
     def versions(self, name: str) -> list[str]:
         """The served versions of a model, oldest first; NotFound for a model not served."""

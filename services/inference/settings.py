@@ -43,6 +43,9 @@ class InferenceSettings(ServiceSettings):
     # The model (and version; empty: the newest) the worker runs on each window's ECG.
     worker_model: str = "ecg-beat-pruned"
     worker_model_version: str = ""
+    # The task the worker serves. With tide_targets set, Tide's record models/active/<task> names the model version
+    # to serve instead of worker_model (services.inference.activation); without Tide it is not used.
+    task: str = Field(default="ecg-beat", pattern=r"^[^/]+$")
 
     @field_validator("models", mode="before")
     @classmethod

@@ -201,6 +201,9 @@ async def test_clisonix_demo_runs_the_main_job():
     assert cardio_skipped <= 1 and f"eeg {eeg} ({eeg} skipped)" in predictions
     assert "median latency" in predictions and " mJ (" in predictions
     assert "skipped: no ecg stream" in output
+    # Ingest registered both sessions' streams in Tide, which the demo runs too.
+    assert "cardio session registered with ecg, ppg, respiration streams" in output, output[-600:]
+    assert "eeg session registered with eeg streams" in output
 
 
 async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigterm():
