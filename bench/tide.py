@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--writes", type=int, default=60_000, help="writes measured (default 60000)")
     parser.add_argument("--warmup-writes", type=int, default=2000, help="writes before measuring (default 2000)")
     parser.add_argument("--batch", type=int, default=100, help="writes per BatchWrite call; 1: single Put calls (100)")
-    parser.add_argument("--in-flight", type=int, default=6, help="write calls kept open at once (default 6)")
+    parser.add_argument("--in-flight", type=int, default=3, help="write calls kept open at once (default 3)")
     parser.add_argument("--keys", type=int, default=1000, help="distinct keys written (default 1000)")
     parser.add_argument("--value-bytes", type=int, default=64, help="bytes per value (default 64)")
     parser.add_argument(
