@@ -39,6 +39,8 @@ async def test_bench_tide_reports_writes_visibility_and_catch_up(broker, tmp_pat
     assert write["latency_ms"]["max"] >= write["latency_ms"]["p99"] >= write["latency_ms"]["p50"] > 0
     # Visible on every replica no earlier than the acknowledging replica answered the median write.
     assert write["visible_all_ms"]["p99"] >= write["visible_all_ms"]["p50"] > 0
+    # Every 10th write is a probe the Watch streams follow; all of them reached all three replicas.
+    assert write["probes"] == 20 and write["not_visible_per_replica"] == [0, 0, 0]
     assert results["baseline"]["writes"] == 200 and results["baseline"]["writes_per_second"] > 0
     catch = results["catch_up"]
     # The fresh replica replayed warm-up and measured writes, and reached the replicas' exact state.
