@@ -405,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         help="start the broker and every service on the default ports",
         description="Starts the embedded broker and the services on their default ports (gRPC, metrics: ingest "
-        "50051, 9101; fusion 50052, 9102; inference 8001 (KServe v2), 9103; tide 50054, 9104) and keeps them up "
-        "until Ctrl-C.",
+        "50051, 9101; fusion 50052, 9102; inference 8001 (KServe v2), 9103; tide 50054, 9104; liam 50055, 9105) "
+        "and keeps them up until Ctrl-C.",
     )
     up.add_argument("--bootstrap-servers", help="use this Kafka instead of starting the embedded broker")
     up.add_argument("--services", nargs="+", default=list(SERVICES), choices=SERVICES, help="services to start")

@@ -23,6 +23,7 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "inference": (8001, 9103),
     # One Tide replica (no snapshot file by default: it replays the command log on start).
     "tide": (50054, 9104),
+    "liam": (50055, 9105),
 }
 SERVICES = tuple(DEFAULT_PORTS)
 # The shipped model repository: the inference service is started with its absolute path, so the services find

@@ -306,3 +306,50 @@ async def tide_replica(tide_settings: Callable[..., object]) -> AsyncIterator[Ca
         await channel.close()
         if not service.runtime.lifecycle.stop.is_set():  # a test may have stopped it already
             await service.stop()
+
+
+@pytest.fixture
+def liam_settings(broker: EmbeddedBroker, topic_name: Callable[[str], str]) -> Callable[..., object]:
+    """Builds LiamSettings for a test: loopback, port 0, unique topics and group; keyword arguments override."""
+    from services.liam.settings import LiamSettings
+
+    def make(**overrides: object) -> LiamSettings:
+        values: dict[str, object] = {
+            "kafka_bootstrap_servers": broker.bootstrap_servers,
+            "grpc_host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
+            "topic_liam_metrics": topic_name("liam-metrics"),
+            "topic_patterns": topic_name("liam-patterns"),
+            "topic_deadletter": topic_name("deadletter"),
+            "consumer_group": topic_name("liam-group"),
+            "kafka_request_timeout_ms": 5000,
+            "kafka_session_timeout_ms": 6000,
+            "drain_seconds": 0.5,
+            "log_format": "text",
+            "energy_source": "estimate",
+        }
+        values.update(overrides)
+        return LiamSettings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+async def liam_service(liam_settings: Callable[..., object]) -> AsyncIterator[Callable[..., Any]]:
+    """Starts in-process LIAM services (real gRPC, real broker); stops them after the test."""
+    from services.liam.service import LiamService
+
+    started: list[Any] = []
+
+    async def start(**overrides: object) -> Any:
+        service = LiamService(liam_settings(**overrides))  # type: ignore[arg-type]
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in reversed(started):
+        if not service.runtime.lifecycle.stop.is_set():
+            await service.stop()

@@ -12,6 +12,7 @@ from services.common.energy import EnergyMeter
 from services.common.lifecycle import Lifecycle
 from services.common.logs import configure_logging
 from services.common.metrics import EnergyExporter, ServiceMetrics, start_metrics_server
+from services.common.operating import OperatingReporter
 from services.common.rpc import GrpcServer
 from services.common.settings import ServiceSettings
 
@@ -54,6 +55,8 @@ class ServiceRuntime:
                 await task
 
         self.lifecycle.stack.push_async_callback(stop_energy_export)
+        self.operating = OperatingReporter(self.settings, self.metrics.registry, self.energy.source)
+        self.run_task(self.operating.run, "operating-metrics")
         log.info(
             "service starting",
             extra={"fields": {"metrics_port": server.port, "energy_source": self.energy.source}},

@@ -39,6 +39,12 @@ class ServiceSettings(BaseSettings):
     kafka_topic_partitions: int = Field(default=3, gt=0)
     kafka_replication_factor: int = Field(default=1, gt=0)
     topic_deadletter: str = "clisonix.deadletter.v1"
+    # Create the topics the service uses if they are missing (off where an operator manages topics).
+    create_topics: bool = True
+    # Every service publishes its own operating metrics (latency, throughput, power, lag, CPU) to LIAM's
+    # metrics topic each interval, as stream "service/<name>"; 0 turns it off.
+    topic_liam_metrics: str = "clisonix.liam.metrics.v1"
+    operating_metrics_interval_seconds: float = Field(default=10.0, ge=0)
 
     # gRPC.
     grpc_host: str = "0.0.0.0"

@@ -38,7 +38,6 @@ class FusionSettings(ServiceSettings):
     topic_raw: str = "clisonix.signals.raw.v1"
     topic_fused: str = "clisonix.signals.fused.v1"
     consumer_group: str = "clisonix-fusion"
-    create_topics: bool = True
 
     # Windows on the session clock: [k * hop, k * hop + length).
     window_seconds: float = Field(default=2.0, gt=0)

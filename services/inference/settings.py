@@ -39,7 +39,6 @@ class InferenceSettings(ServiceSettings):
     topic_fused: str = "clisonix.signals.fused.v1"
     topic_results: str = "clisonix.inference.results.v1"
     consumer_group: str = "clisonix-inference"
-    create_topics: bool = True
     # The model (and version; empty: the newest) the worker runs on each window's ECG.
     worker_model: str = "ecg-beat-pruned"
     worker_model_version: str = ""

@@ -17,7 +17,6 @@ class IngestSettings(ServiceSettings):
     # Key of the HMAC that replaces subject and session ids; required, no default (a deployment secret).
     pseudonym_key: SecretStr = Field(min_length=16)
     topic_raw: str = "clisonix.signals.raw.v1"
-    create_topics: bool = True
 
     # Limits on every input.
     max_chunk_bytes: int = Field(default=1_048_576, gt=0)

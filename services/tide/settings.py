@@ -24,7 +24,6 @@ class TideSettings(ServiceSettings):
     kafka_linger_ms: int = Field(default=0, ge=0)
 
     topic_log: str = "clisonix.tide.log.v1"
-    create_topics: bool = True
 
     max_key_bytes: int = Field(default=state.DEFAULT_MAX_KEY_BYTES, gt=0)
     max_value_bytes: int = Field(default=state.DEFAULT_MAX_VALUE_BYTES, gt=0)
