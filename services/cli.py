@@ -307,6 +307,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench import inference as inference_bench
 
         return inference_bench.main(args.bench_args)
+    if args.name == "liam":
+        from bench import liam as liam_bench
+
+        return liam_bench.main(args.bench_args)
     if args.name == "tide":
         from bench import tide as tide_bench
 
@@ -480,10 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (ingest, fusion, inference, tide)",
+        help="run a benchmark (ingest, fusion, inference, tide, liam)",
         description="Benchmarks, printing figures and ratios measured side by side in one run.",
     )
-    bench.add_argument("name", choices=["ingest", "fusion", "inference", "tide"], help="which benchmark")
+    bench.add_argument("name", choices=["ingest", "fusion", "inference", "tide", "liam"], help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=cmd_bench)
 
