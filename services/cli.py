@@ -259,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
     log_dir = Path(tempfile.mkdtemp(prefix="clisonix-demo-"))
-    platform = Platform(None, ["tide", "ingest", "fusion", "inference"], log_dir, args.port_offset)
+    platform = Platform(None, ["tide", "ingest", "fusion", "inference", "liam"], log_dir, args.port_offset)
     print("starting the embedded broker and the services ...", flush=True)
     platform.start()
     try:
@@ -271,6 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         ingest = next(p for p in platform.processes if p.name == "ingest")
         tide = next(p for p in platform.processes if p.name == "tide")
+        liam = next(p for p in platform.processes if p.name == "liam")
         return asyncio.run(
             run_demo(
                 ingest.target,
@@ -280,6 +281,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 args.duration,
                 topic_results="clisonix.inference.results.v1",
                 tide_target=tide.target,
+                liam_target=liam.target,
             )
         )
     finally:

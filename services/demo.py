@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -197,6 +198,7 @@ async def run_demo(
     settle_s: float = 15.0,
     topic_results: str | None = None,
     tide_target: str | None = None,
+    liam_target: str | None = None,
 ) -> int:
     """Streams the demo recordings, shows fused windows (and with `topic_results`, the predictions) live,
     prints a summary (with `tide_target`, also the shared state the services keep in Tide); returns an exit
@@ -277,7 +279,35 @@ async def run_demo(
         summary, registered = await tide_summary(tide_target, views)
         print(summary, flush=True)
         ok = ok and registered
+    if liam_target is not None:
+        print(await liam_summary(liam_target), flush=True)
     return 0 if ok else 3
+
+
+async def liam_summary(target: str, services: tuple[str, ...] = ("ingest", "fusion", "inference", "tide")) -> str:
+    """What LIAM learnt of the platform's own operating metrics during the replay: per service, the records it
+    folded in and its mean power, labelled with its source (an estimate stays one)."""
+    import grpc
+
+    from clisonix.liam.v1 import liam_pb2, liam_pb2_grpc
+    from services.common.energy import EnergyMeter
+
+    # The services run on this machine with the same settings: their energy source is the one found here.
+    meter = EnergyMeter(os.environ.get("CLISONIX_ENERGY_SOURCE", "auto"))
+    source = meter.source
+    meter.close()
+    parts = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = liam_pb2_grpc.LiamServiceStub(channel)
+        for name in services:
+            try:
+                report = await stub.Analyze(liam_pb2.AnalyzeRequest(stream=f"service/{name}"), timeout=5)
+            except grpc.aio.AioRpcError:
+                parts.append(f"{name} no report yet")
+                continue
+            power = dict(zip(report.metrics, report.mean, strict=True)).get("power_watts", math.nan)
+            parts.append(f"{name} {report.records} reports, {power:.1f} W ({source})")
+    return "liam (operating metrics each 10 s): " + "; ".join(parts)
 
 
 async def tide_summary(target: str, views: dict[str, SessionView]) -> tuple[str, bool]:

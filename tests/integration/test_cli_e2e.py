@@ -204,6 +204,8 @@ async def test_clisonix_demo_runs_the_main_job():
     # Ingest registered both sessions' streams in Tide, which the demo runs too.
     assert "cardio session registered with ecg, ppg, respiration streams" in output, output[-600:]
     assert "eeg session registered with eeg streams" in output
+    # LIAM ran beside them and answered for the services' operating metrics.
+    assert "liam (operating metrics each 10 s): ingest " in output
 
 
 async def test_clisonix_broker_answers_kafka_and_stops_cleanly_on_sigterm():
