@@ -24,7 +24,7 @@ from services.common.errors import ClisonixError
 from services.fusion.calibration import Baseline, CalibrationBook, scalar_features
 from services.fusion.handlers import FusionMetrics
 from services.fusion.settings import FusionSettings
-from services.tide.client import JSON, TideCache, TideClient, _decode, _encode, calibration_key
+from services.tide.client import JSON, TideCache, TideClient, calibration_key, decode_json, encode_json
 from services.tide.state import Change, Outcome, Version
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class CalibrationStore:
         if known is not None and known[0] == entry.version:
             return True, known[1]
         try:
-            baseline = Baseline.from_json(_decode(entry))
+            baseline = Baseline.from_json(decode_json(entry))
         except (ClisonixError, ValueError):
             baseline = None
         if baseline is None:
@@ -150,7 +150,7 @@ class CalibrationStore:
     async def _write(self, subject: str, modality: str, baseline: Baseline) -> None:
         try:
             result = await self.client.compare_and_set(
-                calibration_key(subject, modality), _encode(baseline.to_json()), JSON, expect_absent=True
+                calibration_key(subject, modality), encode_json(baseline.to_json()), JSON, expect_absent=True
             )
             self._writes_total.labels("applied" if result.outcome == Outcome.APPLIED else "conflict").inc()
         except asyncio.CancelledError:

@@ -487,11 +487,14 @@ def _segment(name: str, value: str) -> str:
     return value
 
 
-def _encode(value: Any) -> bytes:
+def encode_json(value: Any) -> bytes:
+    """The JSON bytes the typed helpers store (content type JSON): sorted keys, no spaces, so equal values give
+    equal bytes."""
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def _decode(entry: Entry | None) -> Any:
+def decode_json(entry: Entry | None) -> Any:
+    """The value of a JSON entry (None for no entry); FailedPrecondition when the entry holds something else."""
     if entry is None:
         return None
     if entry.content_type != JSON:
@@ -525,7 +528,7 @@ class ActiveModel:
 
 async def put_session(client: TideClient, session: str, subject: str, streams: list[dict[str, Any]]) -> WriteResult:
     """Registers a session (pseudonyms only) with its stream layouts."""
-    return await client.put(session_key(session), _encode({"subject": subject, "streams": streams}), JSON)
+    return await client.put(session_key(session), encode_json({"subject": subject, "streams": streams}), JSON)
 
 
 async def add_session_streams(
@@ -537,7 +540,7 @@ async def add_session_streams(
     key = session_key(session)
     for _ in range(attempts):
         entry = await client.get(key)
-        record = _decode(entry) or {"subject": subject, "streams": []}
+        record = decode_json(entry) or {"subject": subject, "streams": []}
         known = {s["stream_id"] for s in record["streams"]}
         added = [s for s in streams if s["stream_id"] not in known]
         if not added:
@@ -545,32 +548,32 @@ async def add_session_streams(
         record["streams"] = sorted([*record["streams"], *added], key=lambda s: str(s["stream_id"]))
         record["subject"] = record.get("subject") or subject
         if entry is None:
-            result = await client.compare_and_set(key, _encode(record), JSON, expect_absent=True)
+            result = await client.compare_and_set(key, encode_json(record), JSON, expect_absent=True)
         else:
-            result = await client.compare_and_set(key, _encode(record), JSON, expected=entry.version)
+            result = await client.compare_and_set(key, encode_json(record), JSON, expected=entry.version)
         if result.applied:
             return result
     raise errors.Aborted(f"session record kept changing over {attempts} attempts", reason="cas_contention")
 
 
 async def get_session(client: TideClient, session: str) -> SessionRecord | None:
-    data = _decode(await client.get(session_key(session)))
+    data = decode_json(await client.get(session_key(session)))
     return None if data is None else SessionRecord(data["subject"], data["streams"])
 
 
 async def set_active_model(client: TideClient, task: str, model: str, version: str) -> WriteResult:
-    return await client.put(active_model_key(task), _encode({"model": model, "version": version}), JSON)
+    return await client.put(active_model_key(task), encode_json({"model": model, "version": version}), JSON)
 
 
 async def get_active_model(client: TideClient, task: str) -> ActiveModel | None:
-    data = _decode(await client.get(active_model_key(task)))
+    data = decode_json(await client.get(active_model_key(task)))
     return None if data is None else ActiveModel(data["model"], str(data["version"]))
 
 
 async def put_calibration(client: TideClient, subject: str, modality: str, baseline: dict[str, Any]) -> WriteResult:
-    return await client.put(calibration_key(subject, modality), _encode(baseline), JSON)
+    return await client.put(calibration_key(subject, modality), encode_json(baseline), JSON)
 
 
 async def get_calibration(client: TideClient, subject: str, modality: str) -> dict[str, Any] | None:
-    data = _decode(await client.get(calibration_key(subject, modality)))
+    data = decode_json(await client.get(calibration_key(subject, modality)))
     return None if data is None else dict(data)

@@ -16,7 +16,7 @@ from services.common.kafka import kafka_producer
 from services.common.settings import ServiceSettings
 from services.fusion.calibration import Baseline, good_window, scalar_features
 from services.ingest.sources import SyntheticSource
-from services.tide.client import JSON, TideCache, TideClient, _decode, _encode, calibration_key
+from services.tide.client import JSON, TideCache, TideClient, calibration_key, decode_json, encode_json
 from tests.helpers import wait_for
 from tests.integration.fusion.helpers import fused_windows
 
@@ -53,7 +53,9 @@ async def test_baselines_are_seeded_in_tide_and_carried_by_later_windows(
     target = f"127.0.0.1:{replica.grpc_port}"
     client = TideClient(target)
     seeded = Baseline({"heart_rate_bpm": 50.0}, {"heart_rate_bpm": 7}, 7)
-    await client.compare_and_set(calibration_key(SUBJECT_B, "ecg"), _encode(seeded.to_json()), JSON, expect_absent=True)
+    await client.compare_and_set(
+        calibration_key(SUBJECT_B, "ecg"), encode_json(seeded.to_json()), JSON, expect_absent=True
+    )
     fusion = await fusion_service(tide_targets=target, calibration_windows=WINDOWS, idle_flush_seconds=30.0)
     assert fusion.calibration is not None
     settings = fusion.settings
@@ -82,7 +84,7 @@ async def test_baselines_are_seeded_in_tide_and_carried_by_later_windows(
     windows_a = await fused_windows(
         broker.bootstrap_servers, settings.topic_fused, "ps-calibration-session-a", 21.0, timeout_s=20.0
     )
-    stored = Baseline.from_json(_decode(await client.get(key_ecg)))
+    stored = Baseline.from_json(decode_json(await client.get(key_ecg)))
     assert stored is not None and stored.windows == WINDOWS
     # The baseline is the median over the first good windows fusion produced for the subject.
     good = [ecg_of(w) for w in windows_a if good_window(ecg_of(w), settings.calibration_min_coverage)]
@@ -117,7 +119,7 @@ async def test_baselines_are_seeded_in_tide_and_carried_by_later_windows(
         assert ecg.calibration.baseline_windows == 7
         if ecg.features.ecg.HasField("heart_rate_bpm"):
             assert ecg.calibration.delta["heart_rate_bpm"] == pytest.approx(ecg.features.ecg.heart_rate_bpm - 50.0)
-    assert Baseline.from_json(_decode(await client.get(calibration_key(SUBJECT_B, "ecg")))) == seeded
+    assert Baseline.from_json(decode_json(await client.get(calibration_key(SUBJECT_B, "ecg")))) == seeded
     registry = fusion.runtime.metrics.registry
     assert registry.get_sample_value("clisonix_fusion_calibration_writes_total", {"outcome": "applied"}) >= 2
     assert registry.get_sample_value("clisonix_fusion_calibrated_streams_total") > 0

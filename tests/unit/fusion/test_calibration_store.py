@@ -17,7 +17,7 @@ from services.fusion.baselines import CalibrationStore
 from services.fusion.calibration import Baseline
 from services.fusion.handlers import FusionMetrics
 from services.fusion.settings import FusionSettings
-from services.tide.client import JSON, WriteResult, _decode, _encode
+from services.tide.client import JSON, WriteResult, decode_json, encode_json
 from services.tide.state import Change, Entry, Outcome, Version
 
 SUBJECT = "ps-subject"
@@ -81,7 +81,7 @@ async def test_a_complete_baseline_is_written_once_in_the_background_then_used_f
     key, value = tide.calls[0]
     assert key == KEY
     assert (
-        _decode(Entry(key, value, JSON, Version(0, 0)))
+        decode_json(Entry(key, value, JSON, Version(0, 0)))
         == Baseline({"heart_rate_bpm": 65.0}, {"heart_rate_bpm": 3}, 3).to_json()
     )
     for _ in range(3):
@@ -136,7 +136,7 @@ async def test_a_conflict_leaves_the_winners_baseline_and_windows_without_one_un
     store.annotate(SUBJECT, pending)
     assert not pending.streams[0].HasField("calibration")
     theirs = Baseline({"heart_rate_bpm": 55.0}, {"heart_rate_bpm": 3}, 3)
-    cache_holds(store, KEY, _encode(theirs.to_json()))
+    cache_holds(store, KEY, encode_json(theirs.to_json()))
     store.annotate(SUBJECT, pending)
     assert dict(pending.streams[0].calibration.delta) == {"heart_rate_bpm": 15.0}
     await store.close()
@@ -159,7 +159,9 @@ async def test_foreign_values_are_left_alone_and_deleted_baselines_gathered_afre
         store.annotate(SUBJECT, window(rate))
     await asyncio.sleep(0.01)
     assert len(tide.calls) == 1
-    assert _decode(Entry(KEY, tide.calls[0][1], JSON, Version(0, 0)))["features"]["heart_rate_bpm"]["median"] == 81.0
+    assert (
+        decode_json(Entry(KEY, tide.calls[0][1], JSON, Version(0, 0)))["features"]["heart_rate_bpm"]["median"] == 81.0
+    )
     await store.close()
 
 
