@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test unit integration protos bench lint clean
+.PHONY: venv demo test unit integration deploy-tools protos bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,17 +27,35 @@ $(CLIENTS_STAMP):
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet "tritonclient[grpc]==2.73.0" numpy==2.4.6 protobuf==6.33.6
 	touch $(CLIENTS_STAMP)
 
+# Debian packages the deployment tests run (tests/deploy): promtool and the Prometheus server (prometheus),
+# docker-compose (`docker-compose config`), and kubectl for `kubectl kustomize` where no kubectl is installed
+# (Debian's kubernetes-client). Once per machine (the stamp); as root, or through sudo.
+DEPLOY_TOOLS_STAMP := .deploy-tools.installed
+
+$(DEPLOY_TOOLS_STAMP):
+	@SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	KUBECTL=$$(command -v kubectl >/dev/null 2>&1 || echo kubernetes-client); \
+	set -ex; \
+	$$SUDO apt-get update -qq; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus docker-compose $$KUBECTL
+	promtool --version >/dev/null && prometheus --version >/dev/null && docker-compose version >/dev/null
+	kubectl kustomize --help >/dev/null
+	touch $(DEPLOY_TOOLS_STAMP)
+
+deploy-tools: $(DEPLOY_TOOLS_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/clisonix demo
 
-test: $(STAMP) $(CLIENTS_STAMP)
+test: $(STAMP) $(CLIENTS_STAMP) $(DEPLOY_TOOLS_STAMP)
 	$(PY) -m pytest
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
-integration: $(STAMP) $(CLIENTS_STAMP)
-	$(PY) -m pytest tests/integration
+integration: $(STAMP) $(CLIENTS_STAMP) $(DEPLOY_TOOLS_STAMP)
+	$(PY) -m pytest tests/integration tests/deploy
 
 # Regenerate the committed protobuf / gRPC stubs beside their .proto files.
 protos: $(STAMP)
@@ -57,4 +75,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(CLIENTS_VENV) .pytest_cache
+	rm -rf $(VENV) $(CLIENTS_VENV) .pytest_cache $(DEPLOY_TOOLS_STAMP)

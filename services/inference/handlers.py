@@ -33,7 +33,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata, TopicPartition
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from clisonix.fusion.v1 import fusion_pb2
 from clisonix.inference.v1 import inference_pb2
@@ -41,7 +41,7 @@ from clisonix.signal.v1 import signal_pb2
 from services.common.errors import ClisonixError, InvalidArgument
 from services.common.events import UndecodableEvent, decode_event
 from services.common.kafka import DeadLetters, EventProducer, consumer_options, ensure_topics, kafka_producer
-from services.common.metrics import ServiceMetrics, observe_seconds
+from services.common.metrics import LATENCY_BUCKETS, ServiceMetrics, observe_seconds
 from services.common.runtime import ServiceRuntime
 from services.inference.beats import detect_beats, sliding_segments
 from services.inference.metrics import InferenceMetrics
@@ -252,6 +252,7 @@ class InferenceWorkerMetrics:
     predictions_total: Counter
     skipped_total: Counter
     redelivered_total: Counter
+    pipeline_latency_seconds: Histogram
 
     @classmethod
     def create(cls, metrics: ServiceMetrics) -> InferenceWorkerMetrics:
@@ -274,7 +275,25 @@ class InferenceWorkerMetrics:
                 "Fused windows this worker had predicted already (re-delivered or duplicated): not predicted again",
                 registry=registry,
             ),
+            # The fused window does not carry its chunks' ingest times, so the pipeline is timed from the
+            # earliest instant the window's record itself carries: its Kafka timestamp (CreateTime, set when
+            # fusion handed the window to its producer), to the prediction handed to this worker's producer.
+            pipeline_latency_seconds=Histogram(
+                "clisonix_pipeline_latency_seconds",
+                "Fused window record's Kafka timestamp (fusion emitted it) -> its prediction handed to the producer",
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
         )
+
+
+def pipeline_latency_s(record_timestamp_ms: int | None, now_s: float) -> float | None:
+    """Seconds from a record's Kafka timestamp (milliseconds since the epoch) to `now_s` (seconds since the
+    epoch); None without a timestamp. Clocks of different machines may disagree: a negative value becomes 0.
+    """
+    if record_timestamp_ms is None or record_timestamp_ms <= 0:
+        return None
+    return max(0.0, now_s - record_timestamp_ms / 1000.0)
 
 
 @dataclass
@@ -477,6 +496,9 @@ class InferenceWorker:
                 stream = next((s for s in job.window.streams if s.modality == signal_pb2.MODALITY_ECG), None)
                 prediction.stream_id = stream.stream_id if stream is not None else ""
             await self._produce(prediction, received)
+            pipeline = pipeline_latency_s(job.record.timestamp, time.time())
+            if pipeline is not None:
+                self.worker_metrics.pipeline_latency_seconds.observe(pipeline)
         self.positions[job.tp] = job.record.offset + 1
 
     async def _produce(self, prediction: inference_pb2.Prediction, received: float) -> None:

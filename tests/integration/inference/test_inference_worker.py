@@ -125,6 +125,9 @@ async def test_every_window_gets_one_prediction_and_windows_fetched_together_sha
         )
         == len(good) + len(odd) + 1
     )
+    # Every window's record timestamp -> its prediction: one observation each, none longer than the test.
+    assert registry.get_sample_value("clisonix_pipeline_latency_seconds_count") == len(good) + len(odd) + 1
+    assert 0 <= registry.get_sample_value("clisonix_pipeline_latency_seconds_sum") < 60 * (len(good) + len(odd) + 1)
 
 
 async def test_redelivered_windows_are_predicted_once_and_keep_their_ids(broker, worker, record, topic_name) -> None:
