@@ -45,6 +45,7 @@ class PlacedChunk:
     count: int
     start_s: float  # session time of the first sample, and just after the last one, by the line at placement
     end_s: float
+    ingest_time_ns: int = 0  # when ingest received the chunk (0: not stamped)
 
 
 class StreamState:
@@ -192,6 +193,7 @@ class StreamState:
             count=int(chunk.sample_count),
             start_s=placement.line.at(placement.index),
             end_s=placement.line.at(placement.index + int(chunk.sample_count)),
+            ingest_time_ns=chunk.ingest_time.ToNanoseconds() if chunk.HasField("ingest_time") else 0,
         )
         self.placed.append(placed)
         segment = self.signals.get(placement.segment)

@@ -375,6 +375,9 @@ class SessionWindows:
         block.chunks.partition = first_chunk.partition
         block.chunks.first_offset = min(offsets)
         block.chunks.last_offset = max(offsets)
+        ingested = max(c.ingest_time_ns for c in chunks)
+        if ingested:
+            block.chunks.last_ingest_time.FromNanoseconds(ingested)
 
         report_to = end - config.peak_latency_seconds
         report_from = report_to - config.hop_seconds

@@ -275,25 +275,35 @@ class InferenceWorkerMetrics:
                 "Fused windows this worker had predicted already (re-delivered or duplicated): not predicted again",
                 registry=registry,
             ),
-            # The fused window does not carry its chunks' ingest times, so the pipeline is timed from the
-            # earliest instant the window's record itself carries: its Kafka timestamp (CreateTime, set when
-            # fusion handed the window to its producer), to the prediction handed to this worker's producer.
+            # From ingest receiving the chunk that completed the window (the newest ingest time the window's
+            # streams carry) to the prediction handed to this worker's producer; a window whose chunks carried no
+            # ingest time is timed from its record's Kafka timestamp (fusion handed it to its producer).
             pipeline_latency_seconds=Histogram(
                 "clisonix_pipeline_latency_seconds",
-                "Fused window record's Kafka timestamp (fusion emitted it) -> its prediction handed to the producer",
+                "Chunk that completed a window received at ingest -> its prediction handed to the producer",
                 buckets=LATENCY_BUCKETS,
                 registry=registry,
             ),
         )
 
 
-def pipeline_latency_s(record_timestamp_ms: int | None, now_s: float) -> float | None:
-    """Seconds from a record's Kafka timestamp (milliseconds since the epoch) to `now_s` (seconds since the
-    epoch); None without a timestamp. Clocks of different machines may disagree: a negative value becomes 0.
-    """
-    if record_timestamp_ms is None or record_timestamp_ms <= 0:
+def pipeline_start_s(window: fusion_pb2.FusedWindow, record_timestamp_ms: int | None) -> float | None:
+    """When the window's pipeline started, in seconds since the epoch: the newest ingest time of its streams'
+    chunks; without one, the record's Kafka timestamp; None without either."""
+    ingested = max((s.chunks.last_ingest_time.ToNanoseconds() for s in window.streams), default=0)
+    if ingested > 0:
+        return ingested / 1e9
+    if record_timestamp_ms is not None and record_timestamp_ms > 0:
+        return record_timestamp_ms / 1000.0
+    return None
+
+
+def pipeline_latency_s(start_s: float | None, now_s: float) -> float | None:
+    """Seconds from `start_s` to `now_s` (both since the epoch); None without a start. Clocks of different
+    machines may disagree: a negative value becomes 0."""
+    if start_s is None:
         return None
-    return max(0.0, now_s - record_timestamp_ms / 1000.0)
+    return max(0.0, now_s - start_s)
 
 
 @dataclass
@@ -496,7 +506,7 @@ class InferenceWorker:
                 stream = next((s for s in job.window.streams if s.modality == signal_pb2.MODALITY_ECG), None)
                 prediction.stream_id = stream.stream_id if stream is not None else ""
             await self._produce(prediction, received)
-            pipeline = pipeline_latency_s(job.record.timestamp, time.time())
+            pipeline = pipeline_latency_s(pipeline_start_s(job.window, job.record.timestamp), time.time())
             if pipeline is not None:
                 self.worker_metrics.pipeline_latency_seconds.observe(pipeline)
         self.positions[job.tp] = job.record.offset + 1

@@ -3,6 +3,7 @@ cardiologists' annotations, heart rates from two sensors, and a real clock reset
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -50,6 +51,12 @@ async def test_mixedsignals_streams_arrive_aligned_with_the_file_times(broker, i
     record_path = DATA / "wfdb" / "mixedsignals"
     session = await stream_blocks(ingest.grpc_port, "mixed", WfdbSource(record_path, duration_s=60).blocks())
     windows = await fused_windows(broker.bootstrap_servers, fusion.settings.topic_fused, session, 59.0)
+    # Each stream window says when ingest received its newest chunk (the pipeline latency starts there), no later
+    # than the window left fusion.
+    for window in windows:
+        for stream in window.streams:
+            if stream.chunks.chunk_count:
+                assert 0 < stream.chunks.last_ingest_time.ToNanoseconds() <= time.time_ns()
 
     record = wfdb.rdrecord(str(record_path), smooth_frames=False)
     frame_rate = float(record.fs)

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from clisonix.signal.v1 import signal_pb2 as clisonix_dot_signal_dot_v1_dot_signal__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lisonix/fusion/v1/fusion.proto\x12\x12\x63lisonix.fusion.v1\x1a\x1f\x63lisonix/signal/v1/signal.proto\"Z\n\x0cQualityFlags\x12\x0f\n\x07missing\x18\x01 \x01(\x08\x12\x0b\n\x03gap\x18\x02 \x01(\x08\x12\x0f\n\x07\x63lipped\x18\x03 \x01(\x08\x12\x0c\n\x04\x66lat\x18\x04 \x01(\x08\x12\r\n\x05reset\x18\x05 \x01(\x08\"\x8e\x01\n\nChunkRange\x12\x16\n\x0e\x66irst_sequence\x18\x01 \x01(\x04\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\r\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x14\n\x0c\x66irst_offset\x18\x05 \x01(\x03\x12\x13\n\x0blast_offset\x18\x06 \x01(\x03\"i\n\x0c\x45\x65gBandPower\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\r\n\x05theta\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\x05 \x01(\x01\x12\r\n\x05gamma\x18\x06 \x01(\x01\"A\n\x0b\x45\x65gFeatures\x12\x32\n\x08\x63hannels\x18\x01 \x03(\x0b\x32 .clisonix.fusion.v1.EegBandPower\"m\n\x0b\x45\x63gFeatures\x12\x16\n\x0er_peak_times_s\x18\x01 \x03(\x01\x12\x16\n\x0err_intervals_s\x18\x02 \x03(\x01\x12\x1b\n\x0eheart_rate_bpm\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_heart_rate_bpm\"Y\n\x0bPpgFeatures\x12\x1a\n\x12pulse_peak_times_s\x18\x01 \x03(\x01\x12\x1b\n\x0epulse_rate_bpm\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_pulse_rate_bpm\"Q\n\x13RespirationFeatures\x12!\n\x14respiration_rate_bpm\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_respiration_rate_bpm\"7\n\x0b\x45\x64\x61\x46\x65\x61tures\x12\x18\n\x0btonic_level\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_tonic_level\":\n\rAudioFeatures\x12\x0b\n\x03rms\x18\x01 \x01(\x01\x12\x1c\n\x14spectral_centroid_hz\x18\x02 \x01(\x01\"\'\n\x0eMotionFeatures\x12\x15\n\rmagnitude_rms\x18\x01 \x01(\x01\"\x82\x03\n\x0eStreamFeatures\x12.\n\x03\x65\x65g\x18\x01 \x01(\x0b\x32\x1f.clisonix.fusion.v1.EegFeaturesH\x00\x12.\n\x03\x65\x63g\x18\x02 \x01(\x0b\x32\x1f.clisonix.fusion.v1.EcgFeaturesH\x00\x12.\n\x03ppg\x18\x03 \x01(\x0b\x32\x1f.clisonix.fusion.v1.PpgFeaturesH\x00\x12>\n\x0brespiration\x18\x04 \x01(\x0b\x32\'.clisonix.fusion.v1.RespirationFeaturesH\x00\x12.\n\x03\x65\x64\x61\x18\x05 \x01(\x0b\x32\x1f.clisonix.fusion.v1.EdaFeaturesH\x00\x12\x32\n\x05\x61udio\x18\x06 \x01(\x0b\x32!.clisonix.fusion.v1.AudioFeaturesH\x00\x12\x34\n\x06motion\x18\x07 \x01(\x0b\x32\".clisonix.fusion.v1.MotionFeaturesH\x00\x42\x06\n\x04kind\"\x8e\x04\n\x0cStreamWindow\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12.\n\x08modality\x18\x02 \x01(\x0e\x32\x1c.clisonix.signal.v1.Modality\x12\x15\n\rchannel_names\x18\x03 \x03(\t\x12\x15\n\rchannel_units\x18\x04 \x03(\t\x12\x16\n\x0esample_rate_hz\x18\x05 \x01(\x01\x12\x14\n\x0csample_count\x18\x06 \x01(\r\x12\x0f\n\x07samples\x18\x07 \x01(\x0c\x12\x17\n\x0fnominal_rate_hz\x18\x08 \x01(\x01\x12\x19\n\x11\x65\x66\x66\x65\x63tive_rate_hz\x18\t \x01(\x01\x12\x16\n\x0e\x63lock_offset_s\x18\n \x01(\x01\x12\x10\n\x08jitter_s\x18\x0b \x01(\x01\x12\x31\n\x07quality\x18\x0c \x01(\x0b\x32 .clisonix.fusion.v1.QualityFlags\x12\x10\n\x08\x63overage\x18\r \x01(\x01\x12.\n\x06\x63hunks\x18\x0e \x01(\x0b\x32\x1e.clisonix.fusion.v1.ChunkRange\x12\x0f\n\x07\x66ilters\x18\x0f \x03(\t\x12\x34\n\x08\x66\x65\x61tures\x18\x10 \x01(\x0b\x32\".clisonix.fusion.v1.StreamFeatures\x12\x34\n\x0b\x63\x61libration\x18\x11 \x01(\x0b\x32\x1f.clisonix.fusion.v1.Calibration\"\x9b\x03\n\x0b\x43\x61libration\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12?\n\x08\x62\x61seline\x18\x02 \x03(\x0b\x32-.clisonix.fusion.v1.Calibration.BaselineEntry\x12\x39\n\x05\x64\x65lta\x18\x03 \x03(\x0b\x32*.clisonix.fusion.v1.Calibration.DeltaEntry\x12\x18\n\x10\x62\x61seline_windows\x18\x04 \x01(\r\x12L\n\x0f\x62\x61seline_counts\x18\x05 \x03(\x0b\x32\x33.clisonix.fusion.v1.Calibration.BaselineCountsEntry\x1a/\n\rBaselineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nDeltaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13\x42\x61selineCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x9d\x01\n\x0b\x46usedWindow\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\twindow_id\x18\x02 \x01(\t\x12\x0f\n\x07start_s\x18\x03 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x04 \x01(\x01\x12\x14\n\x0cwindow_index\x18\x05 \x01(\x03\x12\x31\n\x07streams\x18\x06 \x03(\x0b\x32 .clisonix.fusion.v1.StreamWindowb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lisonix/fusion/v1/fusion.proto\x12\x12\x63lisonix.fusion.v1\x1a\x1f\x63lisonix/signal/v1/signal.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x0cQualityFlags\x12\x0f\n\x07missing\x18\x01 \x01(\x08\x12\x0b\n\x03gap\x18\x02 \x01(\x08\x12\x0f\n\x07\x63lipped\x18\x03 \x01(\x08\x12\x0c\n\x04\x66lat\x18\x04 \x01(\x08\x12\r\n\x05reset\x18\x05 \x01(\x08\"\xc4\x01\n\nChunkRange\x12\x16\n\x0e\x66irst_sequence\x18\x01 \x01(\x04\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\r\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x14\n\x0c\x66irst_offset\x18\x05 \x01(\x03\x12\x13\n\x0blast_offset\x18\x06 \x01(\x03\x12\x34\n\x10last_ingest_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"i\n\x0c\x45\x65gBandPower\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\r\n\x05theta\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\x05 \x01(\x01\x12\r\n\x05gamma\x18\x06 \x01(\x01\"A\n\x0b\x45\x65gFeatures\x12\x32\n\x08\x63hannels\x18\x01 \x03(\x0b\x32 .clisonix.fusion.v1.EegBandPower\"m\n\x0b\x45\x63gFeatures\x12\x16\n\x0er_peak_times_s\x18\x01 \x03(\x01\x12\x16\n\x0err_intervals_s\x18\x02 \x03(\x01\x12\x1b\n\x0eheart_rate_bpm\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_heart_rate_bpm\"Y\n\x0bPpgFeatures\x12\x1a\n\x12pulse_peak_times_s\x18\x01 \x03(\x01\x12\x1b\n\x0epulse_rate_bpm\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_pulse_rate_bpm\"Q\n\x13RespirationFeatures\x12!\n\x14respiration_rate_bpm\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_respiration_rate_bpm\"7\n\x0b\x45\x64\x61\x46\x65\x61tures\x12\x18\n\x0btonic_level\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_tonic_level\":\n\rAudioFeatures\x12\x0b\n\x03rms\x18\x01 \x01(\x01\x12\x1c\n\x14spectral_centroid_hz\x18\x02 \x01(\x01\"\'\n\x0eMotionFeatures\x12\x15\n\rmagnitude_rms\x18\x01 \x01(\x01\"\x82\x03\n\x0eStreamFeatures\x12.\n\x03\x65\x65g\x18\x01 \x01(\x0b\x32\x1f.clisonix.fusion.v1.EegFeaturesH\x00\x12.\n\x03\x65\x63g\x18\x02 \x01(\x0b\x32\x1f.clisonix.fusion.v1.EcgFeaturesH\x00\x12.\n\x03ppg\x18\x03 \x01(\x0b\x32\x1f.clisonix.fusion.v1.PpgFeaturesH\x00\x12>\n\x0brespiration\x18\x04 \x01(\x0b\x32\'.clisonix.fusion.v1.RespirationFeaturesH\x00\x12.\n\x03\x65\x64\x61\x18\x05 \x01(\x0b\x32\x1f.clisonix.fusion.v1.EdaFeaturesH\x00\x12\x32\n\x05\x61udio\x18\x06 \x01(\x0b\x32!.clisonix.fusion.v1.AudioFeaturesH\x00\x12\x34\n\x06motion\x18\x07 \x01(\x0b\x32\".clisonix.fusion.v1.MotionFeaturesH\x00\x42\x06\n\x04kind\"\x8e\x04\n\x0cStreamWindow\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12.\n\x08modality\x18\x02 \x01(\x0e\x32\x1c.clisonix.signal.v1.Modality\x12\x15\n\rchannel_names\x18\x03 \x03(\t\x12\x15\n\rchannel_units\x18\x04 \x03(\t\x12\x16\n\x0esample_rate_hz\x18\x05 \x01(\x01\x12\x14\n\x0csample_count\x18\x06 \x01(\r\x12\x0f\n\x07samples\x18\x07 \x01(\x0c\x12\x17\n\x0fnominal_rate_hz\x18\x08 \x01(\x01\x12\x19\n\x11\x65\x66\x66\x65\x63tive_rate_hz\x18\t \x01(\x01\x12\x16\n\x0e\x63lock_offset_s\x18\n \x01(\x01\x12\x10\n\x08jitter_s\x18\x0b \x01(\x01\x12\x31\n\x07quality\x18\x0c \x01(\x0b\x32 .clisonix.fusion.v1.QualityFlags\x12\x10\n\x08\x63overage\x18\r \x01(\x01\x12.\n\x06\x63hunks\x18\x0e \x01(\x0b\x32\x1e.clisonix.fusion.v1.ChunkRange\x12\x0f\n\x07\x66ilters\x18\x0f \x03(\t\x12\x34\n\x08\x66\x65\x61tures\x18\x10 \x01(\x0b\x32\".clisonix.fusion.v1.StreamFeatures\x12\x34\n\x0b\x63\x61libration\x18\x11 \x01(\x0b\x32\x1f.clisonix.fusion.v1.Calibration\"\x9b\x03\n\x0b\x43\x61libration\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12?\n\x08\x62\x61seline\x18\x02 \x03(\x0b\x32-.clisonix.fusion.v1.Calibration.BaselineEntry\x12\x39\n\x05\x64\x65lta\x18\x03 \x03(\x0b\x32*.clisonix.fusion.v1.Calibration.DeltaEntry\x12\x18\n\x10\x62\x61seline_windows\x18\x04 \x01(\r\x12L\n\x0f\x62\x61seline_counts\x18\x05 \x03(\x0b\x32\x33.clisonix.fusion.v1.Calibration.BaselineCountsEntry\x1a/\n\rBaselineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nDeltaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13\x42\x61selineCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x9d\x01\n\x0b\x46usedWindow\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\twindow_id\x18\x02 \x01(\t\x12\x0f\n\x07start_s\x18\x03 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x04 \x01(\x01\x12\x14\n\x0cwindow_index\x18\x05 \x01(\x03\x12\x31\n\x07streams\x18\x06 \x03(\x0b\x32 .clisonix.fusion.v1.StreamWindowb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,38 +39,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALIBRATION_DELTAENTRY']._serialized_options = b'8\001'
   _globals['_CALIBRATION_BASELINECOUNTSENTRY']._loaded_options = None
   _globals['_CALIBRATION_BASELINECOUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_QUALITYFLAGS']._serialized_start=88
-  _globals['_QUALITYFLAGS']._serialized_end=178
-  _globals['_CHUNKRANGE']._serialized_start=181
-  _globals['_CHUNKRANGE']._serialized_end=323
-  _globals['_EEGBANDPOWER']._serialized_start=325
-  _globals['_EEGBANDPOWER']._serialized_end=430
-  _globals['_EEGFEATURES']._serialized_start=432
-  _globals['_EEGFEATURES']._serialized_end=497
-  _globals['_ECGFEATURES']._serialized_start=499
-  _globals['_ECGFEATURES']._serialized_end=608
-  _globals['_PPGFEATURES']._serialized_start=610
-  _globals['_PPGFEATURES']._serialized_end=699
-  _globals['_RESPIRATIONFEATURES']._serialized_start=701
-  _globals['_RESPIRATIONFEATURES']._serialized_end=782
-  _globals['_EDAFEATURES']._serialized_start=784
-  _globals['_EDAFEATURES']._serialized_end=839
-  _globals['_AUDIOFEATURES']._serialized_start=841
-  _globals['_AUDIOFEATURES']._serialized_end=899
-  _globals['_MOTIONFEATURES']._serialized_start=901
-  _globals['_MOTIONFEATURES']._serialized_end=940
-  _globals['_STREAMFEATURES']._serialized_start=943
-  _globals['_STREAMFEATURES']._serialized_end=1329
-  _globals['_STREAMWINDOW']._serialized_start=1332
-  _globals['_STREAMWINDOW']._serialized_end=1858
-  _globals['_CALIBRATION']._serialized_start=1861
-  _globals['_CALIBRATION']._serialized_end=2272
-  _globals['_CALIBRATION_BASELINEENTRY']._serialized_start=2124
-  _globals['_CALIBRATION_BASELINEENTRY']._serialized_end=2171
-  _globals['_CALIBRATION_DELTAENTRY']._serialized_start=2173
-  _globals['_CALIBRATION_DELTAENTRY']._serialized_end=2217
-  _globals['_CALIBRATION_BASELINECOUNTSENTRY']._serialized_start=2219
-  _globals['_CALIBRATION_BASELINECOUNTSENTRY']._serialized_end=2272
-  _globals['_FUSEDWINDOW']._serialized_start=2275
-  _globals['_FUSEDWINDOW']._serialized_end=2432
+  _globals['_QUALITYFLAGS']._serialized_start=121
+  _globals['_QUALITYFLAGS']._serialized_end=211
+  _globals['_CHUNKRANGE']._serialized_start=214
+  _globals['_CHUNKRANGE']._serialized_end=410
+  _globals['_EEGBANDPOWER']._serialized_start=412
+  _globals['_EEGBANDPOWER']._serialized_end=517
+  _globals['_EEGFEATURES']._serialized_start=519
+  _globals['_EEGFEATURES']._serialized_end=584
+  _globals['_ECGFEATURES']._serialized_start=586
+  _globals['_ECGFEATURES']._serialized_end=695
+  _globals['_PPGFEATURES']._serialized_start=697
+  _globals['_PPGFEATURES']._serialized_end=786
+  _globals['_RESPIRATIONFEATURES']._serialized_start=788
+  _globals['_RESPIRATIONFEATURES']._serialized_end=869
+  _globals['_EDAFEATURES']._serialized_start=871
+  _globals['_EDAFEATURES']._serialized_end=926
+  _globals['_AUDIOFEATURES']._serialized_start=928
+  _globals['_AUDIOFEATURES']._serialized_end=986
+  _globals['_MOTIONFEATURES']._serialized_start=988
+  _globals['_MOTIONFEATURES']._serialized_end=1027
+  _globals['_STREAMFEATURES']._serialized_start=1030
+  _globals['_STREAMFEATURES']._serialized_end=1416
+  _globals['_STREAMWINDOW']._serialized_start=1419
+  _globals['_STREAMWINDOW']._serialized_end=1945
+  _globals['_CALIBRATION']._serialized_start=1948
+  _globals['_CALIBRATION']._serialized_end=2359
+  _globals['_CALIBRATION_BASELINEENTRY']._serialized_start=2211
+  _globals['_CALIBRATION_BASELINEENTRY']._serialized_end=2258
+  _globals['_CALIBRATION_DELTAENTRY']._serialized_start=2260
+  _globals['_CALIBRATION_DELTAENTRY']._serialized_end=2304
+  _globals['_CALIBRATION_BASELINECOUNTSENTRY']._serialized_start=2306
+  _globals['_CALIBRATION_BASELINECOUNTSENTRY']._serialized_end=2359
+  _globals['_FUSEDWINDOW']._serialized_start=2362
+  _globals['_FUSEDWINDOW']._serialized_end=2519
 # @@protoc_insertion_point(module_scope)

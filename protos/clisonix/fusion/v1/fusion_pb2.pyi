@@ -13,6 +13,7 @@ from clisonix.signal.v1 import signal_pb2 as _signal_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -79,6 +80,7 @@ class ChunkRange(_message.Message):
     PARTITION_FIELD_NUMBER: _builtins.int
     FIRST_OFFSET_FIELD_NUMBER: _builtins.int
     LAST_OFFSET_FIELD_NUMBER: _builtins.int
+    LAST_INGEST_TIME_FIELD_NUMBER: _builtins.int
     first_sequence: _builtins.int
     last_sequence: _builtins.int
     chunk_count: _builtins.int
@@ -86,6 +88,12 @@ class ChunkRange(_message.Message):
     """Where they are in clisonix.signals.raw.v1."""
     first_offset: _builtins.int
     last_offset: _builtins.int
+    @_builtins.property
+    def last_ingest_time(self) -> _timestamp_pb2.Timestamp:
+        """The newest SignalChunk.ingest_time among them: when ingest received the chunk that completed the window
+        (unset when no chunk carried one). The pipeline latency is timed from it.
+        """
+
     def __init__(
         self,
         *,
@@ -95,10 +103,11 @@ class ChunkRange(_message.Message):
         partition: _builtins.int = ...,
         first_offset: _builtins.int = ...,
         last_offset: _builtins.int = ...,
+        last_ingest_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_ingest_time", b"last_ingest_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "first_offset", b"first_offset", "first_sequence", b"first_sequence", "last_offset", b"last_offset", "last_sequence", b"last_sequence", "partition", b"partition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "first_offset", b"first_offset", "first_sequence", b"first_sequence", "last_ingest_time", b"last_ingest_time", "last_offset", b"last_offset", "last_sequence", b"last_sequence", "partition", b"partition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
