@@ -224,11 +224,12 @@ def report(results: dict[str, Any], console: Any) -> dict[str, Any]:
             "vs_faiss": (leg["vs_faiss"], TARGET_VS_FAISS),
             "vs_bandwidth": (leg["vs_bandwidth"], TARGET_VS_BANDWIDTH),
         }
+        numpy_route = f"{key} engine numpy route (HammingIndex backend='numpy', {leg['numpy_threads']} threads)"
         for name, (value, target) in checks.items():
-            verdicts[f"{key}_{name}"] = _verdict(console, f"{key} numpy route {name.replace('_', ' ')}", value, target)
+            verdicts[f"{key}_{name}"] = _verdict(console, f"{numpy_route} {name.replace('_', ' ')}", value, target)
         if "auto_batch" in legs:
             auto = legs["auto_batch"]
-            route = f"{key} engine auto route ({auto['route']})"
+            route = f"{key} engine auto route (HammingIndex backend='auto', which took the {auto['route']} route)"
             verdicts[f"{key}_auto_vs_faiss"] = _verdict(
                 console, f"{route} vs faiss", legs["faiss_batch"]["seconds"] / auto["seconds"], TARGET_VS_FAISS
             )
@@ -261,7 +262,10 @@ def report(results: dict[str, Any], console: Any) -> dict[str, Any]:
     console.print(table)
     console.print(f"  max relative eigenvalue difference, stream vs SVD: {pat['max_relative_eigenvalue_error']:.1e}")
     verdicts["patterns_vs_svd"] = _verdict(
-        console, "streaming patterns speed-up over full SVD", pat["vs_svd"], TARGET_VS_SVD
+        console,
+        f"streaming patterns (PatternStream update + patterns, {pat['stream_method']} route) speed-up over full SVD",
+        pat["vs_svd"],
+        TARGET_VS_SVD,
     )
     return {"targets": verdicts}
 

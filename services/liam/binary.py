@@ -183,7 +183,9 @@ class HammingIndex:
     numpy route: the stored rows are kept a second time, transposed per block of rows (words x rows), so
     that per query and block one XOR, one popcount and one reduction over words run on contiguous memory into
     buffers allocated once; blocks are split over `threads` threads (numpy releases the GIL in these ufuncs).
-    A running k-th distance per query lets a block contribute only rows that beat it.
+    A running k-th distance per query lets a block contribute only rows that beat it. While it scans, numpy's
+    ufunc buffer is no longer than a block's rows (in an errstate scope: restored on return), so that the
+    broadcast XOR runs in place rather than through copying buffers.
 
     faiss route (`backend="faiss"`, or "auto" for batches of FAISS_MIN_QUERIES queries or more where faiss is
     installed): faiss.IndexBinaryFlat over the uint8 view of the same words (padding bits are zero, so they
@@ -283,22 +285,42 @@ class HammingIndex:
         Queries go through each block in groups, one XOR, popcount and reduction per group, so that the Python
         overhead is per group and block, not per query and block; the block is read from memory once.
         """
-        words, rows = self.algebra.words, self.block_rows
-        group = max(1, min(queries.shape[0], GROUP_BYTES // (words * rows * 8)))
-        xor = np.empty((group, words, rows), dtype=np.uint64)
-        counts = np.empty((group, words, rows), dtype=np.uint8)
-        total = np.empty((group, rows), dtype=np.uint16 if words * WORD_BITS < 1 << 16 else np.uint32)
+        rows = self.block_rows
         columns = np.ascontiguousarray(queries)[:, :, np.newaxis]
         best = [(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)) for _ in range(queries.shape[0])]
         # The k-th best distance so far per query; rows must beat it strictly (scanning in index order, an
         # equal distance never displaces an earlier, lower index). Above any distance until k rows are in.
         threshold = np.full(queries.shape[0], np.iinfo(np.int64).max)
+        with np.errstate():  # restores numpy's ufunc buffer size on exit (it is per thread and context)
+            # A ufunc whose inner dimension (here the rows of a block) is shorter than numpy's buffer (8192
+            # elements) and that broadcasts an operand (the query column) is run through copying buffers: the
+            # XOR took twice as long for 10,000-bit vectors (1669-row blocks) as for 1024-bit ones (16384 rows).
+            # A buffer no longer than a block's rows lets it run on the arrays in place.
+            np.setbufsize(max(16, min(np.getbufsize(), rows // 16 * 16)))  # numpy wants a multiple of 16
+            self._scan_blocks(blocks, span, columns, k, best, threshold)
+        return best
+
+    def _scan_blocks(
+        self,
+        blocks: Words,
+        span: NDArray[np.intp],
+        columns: Words,
+        k: int,
+        best: list[tuple[NDArray[np.int64], NDArray[np.int64]]],
+        threshold: NDArray[np.int64],
+    ) -> None:
+        words, rows = self.algebra.words, self.block_rows
+        queries = columns.shape[0]
+        group = max(1, min(queries, GROUP_BYTES // (words * rows * 8)))
+        xor = np.empty((group, words, rows), dtype=np.uint64)
+        counts = np.empty((group, words, rows), dtype=np.uint8)
+        total = np.empty((group, rows), dtype=np.uint16 if words * WORD_BITS < 1 << 16 else np.uint32)
         for b in span:
             offset = int(b) * rows
             valid = min(rows, self.count - offset)
             block = blocks[b]
-            for first in range(0, queries.shape[0], group):
-                size = min(group, queries.shape[0] - first)
+            for first in range(0, queries, group):
+                size = min(group, queries - first)
                 np.bitwise_xor(block, columns[first : first + size], out=xor[:size])
                 np.bitwise_count(xor[:size], out=counts[:size])
                 np.add.reduce(counts[:size], axis=1, dtype=total.dtype, out=total[:size])
@@ -317,4 +339,3 @@ class HammingIndex:
                     best[q] = (merged_d[order], merged_i[order])
                     if best[q][0].size == k:
                         threshold[q] = best[q][0][-1]
-        return best

@@ -3,14 +3,17 @@
 State per stream: the count n, the mean, M2 (the d x d sum of outer products of centred rows) and R, the upper
 triangular factor of the centred rows (R^T R = M2). Batches are folded in with Chan, Golub and LeVeque's pairwise
 update, the numerically safe generalisation of Welford's method. Each block of rows is centred before its Gram
-matrix is formed (on the stream's mean so far, then corrected exactly by the block's residual mean; re-centred
-on its own mean where it drifted far), so data with a large offset (mean 1e8, variance 1e-6) loses nothing to
+matrix is formed (on the mean of a sample of its first rows, or for a small block of a running stream on the
+stream's mean so far, then corrected exactly by the block's residual mean; re-centred on its own mean where it
+drifted far), so data with a large offset (mean 1e8, variance 1e-6) loses nothing to
 cancellation, as a running sum of squares would. Means are held relative to the first row seen (the "shifted
 data" method), so the means that the merges subtract are small numbers, not offsets whose last-place rounding
 would leak into M2.
 
-Cost: O(b d^2) per batch of b rows (one subtraction pass, one mean pass, one d x d Gram product), O(d^3) per
-block merge and per report, so a tall matrix (n in the millions) costs one pass and never an SVD of n x d.
+Cost: O(b d^2) per batch of b rows, O(d^3) per block merge and per report, so a tall matrix (n in the millions)
+costs one pass and never an SVD of n x d. The pass goes in steps of about STEP_BYTES: each step's rows are read
+from memory once, by the Gram product (which numpy hands to BLAS as a symmetric rank-k update, half the flops of
+a general product), and the column sums (and, where the rows are centred, the subtraction) find them in cache.
 
 Why R as well as M2: the eigenvalues of M2 carry an absolute error of about d * eps * lambda_max, so when the
 spectrum is ill-conditioned (lambda_max / lambda_min above `max_condition`, 1e7 by default) the small
@@ -34,6 +37,11 @@ BLOCK_ROWS = 65_536
 # Below this share of a column's sum of squares about the centre, its variance is recomputed about the block's own
 # mean: G - n e e^T then loses at most one bit to cancellation, so the Cholesky route keeps its accuracy.
 DRIFT_FRACTION = 0.5
+# Bytes of rows per step of the moment pass: the Gram product of each step reads its rows from memory, and the
+# column sums (and, on the centred route, the subtraction before them) then find them in cache, so a block costs
+# one read from memory instead of two or three. At least MIN_STEP_ROWS rows, to keep the d x d additions small.
+STEP_BYTES = 1024 * 1024
+MIN_STEP_ROWS = 256
 # Rows whose mean and variance decide whether a block is near enough to zero for the Gram of the raw rows.
 RAW_SAMPLE_ROWS = 256
 # A column whose standard deviation is below a few rounding units of its own magnitude holds no variation that
@@ -88,6 +96,25 @@ def r_factor(rows: Matrix) -> Matrix:
     """The R of a Householder QR of `rows`: shape (min(m, d), d), R^T R = rows^T rows."""
     # numpy's stubs type every mode as QRResult; mode "r" returns R alone.
     return cast(Matrix, np.linalg.qr(rows, mode="r"))
+
+
+def _moments(rows: Matrix, centre: Matrix | None = None, out: Matrix | None = None) -> tuple[Matrix, Matrix]:
+    """(column means, Gram matrix) of `rows`, or of `rows - centre` written into `out` (same shape) when
+    `centre` is given, in steps of about STEP_BYTES so that each row is read from memory once."""
+    count, d = rows.shape
+    step = max(MIN_STEP_ROWS, STEP_BYTES // (8 * d))
+    # Column sums as a BLAS product with a vector of ones: numpy's sum down the rows of a C-ordered array runs
+    # one short inner loop per row (about 4 ms per 1e5 x 64), the product about a third of that.
+    ones = np.ones(min(step, count))
+    sums = np.zeros(d)
+    gram = np.zeros((d, d))
+    for first in range(0, count, step):
+        part = rows[first : first + step]
+        if centre is not None and out is not None:
+            part = np.subtract(part, centre, out=out[first : first + step])
+        gram += part.T @ part
+        sums += ones[: part.shape[0]] @ part
+    return sums / count, gram
 
 
 def _sign_fixed(components: Matrix) -> Matrix:
@@ -152,8 +179,8 @@ class PatternStream:
         # say) would carry rounding of a whole unit in the last place of the offset into every merge; means of
         # shifted rows are small numbers held to full relative precision.
         shift = rows[0].copy() if self._shift is None else self._shift
-        # Blocks that are not near zero are centred on the stream's mean so far (the first row, for a new
-        # stream), known before the block is read.
+        # The stream's mean so far (the first row, for a new stream): the centre of small blocks that are not
+        # near zero (larger ones are centred on a sample of their own rows; see _block_state).
         centre = shift + self._mean
         # One buffer per call, reused by every block: fresh n x d temporaries cost page faults, not just copies.
         buffer = np.empty((min(BLOCK_ROWS, rows.shape[0]), self.dimensions))
@@ -191,31 +218,36 @@ class PatternStream:
         M2 = G - n e e^T, with G the Gram matrix of the rows about some centre and e their mean about it, is
         exact algebra; it loses digits only where n e^2 is most of G, i.e. where the centre is far from the
         block's mean in units of its spread. So: where a sample says every column's mean is within one spread of
-        zero, G is that of the raw rows (two read passes, no copy); otherwise of the rows minus `centre` (one
-        subtraction pass more); if either leaves a column with less than DRIFT_FRACTION of G as variance, the
-        rows are re-centred on their own mean. NaN and inf reach the means, which replaces a separate check.
+        zero, G is that of the raw rows (no copy); otherwise of the rows minus a centre (the mean of that sample,
+        or `centre`, the stream's mean so far, for a small block of a running stream), written into `buffer`; if
+        either leaves a column with less than DRIFT_FRACTION of G as variance, the rows are re-centred on their
+        own mean. NaN and inf reach the means, which replaces a separate check.
         route: "gram" (R by Cholesky of M2) or "qr" (R by Householder QR of the centred rows).
         """
         count = block.shape[0]
         sample = block[:RAW_SAMPLE_ROWS]
-        if np.all(sample.mean(axis=0) ** 2 <= sample.var(axis=0)):
-            mean = block.mean(axis=0)
+        sample_mean = sample.mean(axis=0)
+        if np.all(sample_mean**2 <= sample.var(axis=0)):
+            mean, gram = _moments(block)
             self._check_finite(mean, block, start)
-            gram = block.T @ block
             m2 = gram - count * np.outer(mean, mean)
             if np.all(np.diag(m2) >= DRIFT_FRACTION * np.diag(gram)):
                 return self._factor(count, mean - shift, m2, lambda: np.subtract(block, mean, out=buffer[:count]))
-        centred = np.subtract(block, centre, out=buffer[:count])
-        residual = centred.mean(axis=0)
+        if (self.count == 0 or count >= RAW_SAMPLE_ROWS) and np.isfinite(sample_mean).all():
+            # A sample of the block's own rows puts the centre within a fraction of a spread of its mean, so the
+            # drift re-centring below (a second pass) is rare; the stream's mean so far serves small blocks, and
+            # any block whose sample sums overflow (values near the float64 limit) or hold NaN or inf.
+            centre = sample_mean
+        centred = buffer[:count]
+        residual, gram = _moments(block, centre, centred)
         self._check_finite(residual, block, start)
         offset = centre - shift
-        gram = centred.T @ centred
         m2 = gram - count * np.outer(residual, residual)
         if np.any(np.diag(m2) < DRIFT_FRACTION * np.diag(gram)):
             offset = offset + residual
             np.subtract(centred, residual, out=centred)
-            residual = centred.mean(axis=0)
-            m2 = centred.T @ centred - count * np.outer(residual, residual)
+            residual, gram = _moments(centred)
+            m2 = gram - count * np.outer(residual, residual)
         exact = residual  # the closure must see the final residual
         return self._factor(count, offset + residual, m2, lambda: np.subtract(centred, exact, out=centred))
 

@@ -201,3 +201,17 @@ def test_auto_route_and_top_k_shortcut() -> None:
     indices, distances = algebra.top_k(stored[:3], stored, 1)
     np.testing.assert_array_equal(indices[:, 0], [0, 1, 2])
     np.testing.assert_array_equal(distances, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numpy_search_leaves_ufunc_buffer_size_alone(threads: int) -> None:
+    """The scan shrinks numpy's ufunc buffer for its own blocks only, inside an errstate scope."""
+    algebra = BinaryAlgebra(bits=10_000)
+    stored = algebra.random(3000)
+    before = np.getbufsize()
+    index = HammingIndex(algebra, stored, backend="numpy", threads=threads)
+    assert index.block_rows < before  # the case the smaller buffer is for
+    indices, distances = index.search(stored[[5, 17]], 3)
+    assert np.getbufsize() == before
+    np.testing.assert_array_equal(indices[:, 0], [5, 17])
+    np.testing.assert_array_equal(distances[:, 0], 0)

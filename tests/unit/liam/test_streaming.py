@@ -165,3 +165,33 @@ def test_drifting_mean_stays_accurate() -> None:
     reference = centred.T @ centred
     np.testing.assert_allclose(stream.m2, reference, rtol=1e-9)
     np.testing.assert_allclose(np.diag(stream.r_factor.T @ stream.r_factor), np.diag(reference), rtol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1e8])
+def test_moments_in_many_steps_match_one_pass(offset: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 50 rows (raw and centred routes, sums and Gram products added step by step) change nothing."""
+    from services.liam import streaming
+
+    rng = np.random.default_rng(11)
+    spread = rng.standard_normal((1234, 5)) @ rng.standard_normal((5, 5))
+    data = offset + spread
+    spread = data - offset  # exact (Sterbenz): the reference loses nothing to the offset
+    monkeypatch.setattr(streaming, "MIN_STEP_ROWS", 1)
+    monkeypatch.setattr(streaming, "STEP_BYTES", 50 * 5 * 8)
+    stream = PatternStream(5).update(data)
+    np.testing.assert_allclose(stream.mean - offset, spread.mean(axis=0), atol=max(4 * np.spacing(offset), 1e-13))
+    np.testing.assert_allclose(stream.covariance(), np.cov(spread, rowvar=False), rtol=1e-9)
+    np.testing.assert_allclose(stream.r_factor.T @ stream.r_factor, stream.m2, rtol=1e-9)
+    eigenvalues, _ = exact_patterns(spread)
+    np.testing.assert_allclose(stream.patterns()["eigenvalues"], eigenvalues, rtol=1e-9)
+
+
+def test_large_block_of_a_running_stream_is_centred_on_its_own_sample() -> None:
+    """A block far from the stream's mean (a level shift) is centred on a sample of its rows: still exact."""
+    rng = np.random.default_rng(12)
+    first = 1e6 + rng.standard_normal((500, 4))
+    second = 1e6 + 1e3 + rng.standard_normal((70_000, 4)) * [1.0, 2.0, 0.5, 3.0]
+    stream = PatternStream(4).update(first).update(second)
+    both = np.vstack([first, second]) - 1e6  # exact (Sterbenz)
+    np.testing.assert_allclose(stream.covariance(), np.cov(both, rowvar=False), rtol=1e-9)
+    np.testing.assert_allclose(stream.mean - 1e6, both.mean(axis=0), atol=1e-9)
