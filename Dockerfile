@@ -1,4 +1,5 @@
-# One image per service, all from this file: docker build --build-arg SERVICE=fusion -t clisonix-fusion .
+# One image per service, all from this file:
+#   docker build --build-arg SERVICE=fusion --build-arg TORCH_INDEX_URL=<index of torch CPU wheels> -t clisonix-fusion .
 # Builder: a virtual environment with the CPU builds of torch and ONNX Runtime and the project.
 # Final: the same slim base with that environment and the sources only (no compilers, no pip cache), non-root.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -8,8 +9,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/clisonix
 ENV PATH=/opt/clisonix/bin:$PATH
-# The CPU wheel of torch first: a bare torch requirement would pull a multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# The CPU wheel of torch first: a bare torch requirement would pull a multi-GB CUDA build. TORCH_INDEX_URL names
+# the package index that serves torch's CPU wheels (required: the build stops without it).
+ARG TORCH_INDEX_URL
+RUN test -n "${TORCH_INDEX_URL}" || (echo "build with --build-arg TORCH_INDEX_URL=<index of torch CPU wheels>" && false) \
+    && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY protos ./protos

@@ -104,3 +104,24 @@ async def read_all(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) 
                 return records
             if time.monotonic() > deadline:
                 raise AssertionError(f"{topic}: did not reach the highwater of every partition in {timeout_s} s")
+
+
+def free_port_offset() -> int:
+    """An offset under which the default ports (the broker's, every service's gRPC and metrics) are all free on
+    loopback now, for `clisonix up --port-offset` in tests."""
+    import random
+    import socket
+
+    from services.processes import DEFAULT_PORTS
+
+    ports = [9092, *(port for pair in DEFAULT_PORTS.values() for port in pair)]
+    for _ in range(100):
+        offset = random.randint(2000, 6000)
+        try:
+            for port in ports:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return offset
+    raise AssertionError("no free port offset found")

@@ -62,6 +62,19 @@ class ServiceRuntime:
             extra={"fields": {"metrics_port": server.port, "energy_source": self.energy.source}},
         )
 
+    async def wait_joined(self, joined: asyncio.Event, worker: asyncio.Task[None], name: str) -> None:
+        """Waits until `joined` is set (the worker's consumer has joined its group, with partitions or none) or
+        the worker ended, at most twice the Kafka session timeout: a service turns SERVING only after this, so
+        that records sent once health says SERVING are not met by a join-long backlog. A slow join is logged
+        and the service serves anyway."""
+        timeout_s = 2 * self.settings.kafka_session_timeout_ms / 1000
+        waiting = asyncio.create_task(joined.wait())
+        await asyncio.wait({waiting, worker}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            if not worker.done():
+                log.warning("%s not in its consumer group after %.0f s; serving anyway", name, timeout_s)
+
     def run_task(self, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]], name: str) -> asyncio.Task[None]:
         """Runs `run(stop)` (a worker loop) as a task for the service's life: on shutdown `stop` is set and the task
         awaited, in the lifecycle's reverse order (so what was entered before it, e.g. its consumer, closes after

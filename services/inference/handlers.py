@@ -600,15 +600,7 @@ async def start_worker(
     # the partitions on at once.
     stack.push_async_callback(consumer.stop)
     task = runtime.run_task(worker.run, "inference-worker")
-    # The service turns SERVING only after this member has joined its group (with partitions or none), so that
-    # windows sent once health says SERVING are not met by a join-long backlog. Bounded: a slow join is logged.
-    join_timeout_s = 2 * settings.kafka_session_timeout_ms / 1000
-    joined = asyncio.create_task(worker.joined.wait())
-    await asyncio.wait({joined, task}, timeout=join_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    if not joined.done():
-        joined.cancel()
-        if not task.done():
-            log.warning("inference worker not in its consumer group after %.0f s; serving anyway", join_timeout_s)
+    await runtime.wait_joined(worker.joined, task, "inference worker")
     log.info(
         "inference worker ready",
         extra={

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiokafka import AIOKafkaConsumer
@@ -62,14 +61,7 @@ class LiamService:
         stack.push_async_callback(consumer.stop)
         task = runtime.run_task(worker.run, "liam-worker")
         runtime.run_task(worker.run_reports, "liam-reports")
-        # SERVING only once this member has joined its group, so records sent then are not met by a join-long
-        # wait (bounded: a slow join is logged and the service serves anyway).
-        join_timeout_s = 2 * settings.kafka_session_timeout_ms / 1000
-        joined = asyncio.create_task(worker.joined.wait())
-        await asyncio.wait({joined, task}, timeout=join_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if not joined.done():
-            joined.cancel()
-            log.warning("liam worker not in its consumer group after %.0f s; serving anyway", join_timeout_s)
+        await runtime.wait_joined(worker.joined, task, "liam worker")
         self.grpc = GrpcServer(settings, [SERVICE_NAME], register(LiamServicer(settings, producer, self.book)))
         await runtime.serve_grpc(self.grpc)
         log.info(

@@ -22,7 +22,9 @@ K8S = REPO / "k8s"
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 # What `docker compose` needs in the environment to read the file (ingest's required pseudonym key).
-COMPOSE_ENV = {"CLISONIX_PSEUDONYM_KEY": "a-compose-test-key-0123456789"}
+# What compose refuses to start without: the pseudonym key, and the index serving torch's CPU wheels (a loopback
+# stand-in: nothing is built or fetched).
+COMPOSE_ENV = {"CLISONIX_PSEUDONYM_KEY": "a-compose-test-key-0123456789", "TORCH_INDEX_URL": "http://127.0.0.1:9/"}
 
 
 def tool(name: str) -> str:

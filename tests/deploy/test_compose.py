@@ -34,7 +34,8 @@ def test_docker_compose_reads_the_file():
 def test_docker_compose_refuses_to_start_ingest_without_a_pseudonym_key():
     import subprocess
 
-    env = {k: v for k, v in __import__("os").environ.items() if k != "CLISONIX_PSEUDONYM_KEY"}
+    env = {**{k: v for k, v in __import__("os").environ.items() if k != "CLISONIX_PSEUDONYM_KEY"}, **COMPOSE_ENV}
+    del env["CLISONIX_PSEUDONYM_KEY"]
     completed = subprocess.run(
         [tool("docker-compose"), "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=REPO,
@@ -107,3 +108,4 @@ def test_one_dockerfile_builds_every_service(compose):
     for name in ("ingest", "fusion", "inference", "tide-0", "liam"):
         build = compose["services"][name]["build"]
         assert build["context"] == "." and build["args"]["SERVICE"] == service_of(name)
+        assert build["args"]["TORCH_INDEX_URL"].startswith("${TORCH_INDEX_URL:?")

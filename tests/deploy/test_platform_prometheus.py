@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -28,26 +27,12 @@ from tests.deploy.metric_names import (
     recording_rule_names,
     rule_expressions,
 )
+from tests.helpers import free_port_offset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RULES = DEPLOY / "prometheus" / "rules" / "clisonix.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "clisonix.json"
-
-
-def free_port_offset() -> int:
-    """An offset under which the broker's and every service's default ports are all free on loopback now."""
-    ports = [9092, *(port for pair in DEFAULT_PORTS.values() for port in pair)]
-    for _ in range(100):
-        offset = random.randint(2000, 6000)
-        try:
-            for port in ports:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return offset
-    raise AssertionError("no free port offset found")
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import sys
 
@@ -19,8 +18,9 @@ from clisonix.signal.v1 import signal_pb2
 from services.common.chunks import SampleBlock, physical_samples
 from services.common.events import decode_event
 from services.ingest.sources import open_source
+from services.processes import DEFAULT_PORTS
 from tests.conftest import DATA, REPO
-from tests.helpers import read_all
+from tests.helpers import free_port_offset, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -131,27 +131,8 @@ async def test_clisonix_stream_reports_a_wrong_token(ingest_service):
     assert "UNAUTHENTICATED" in output
 
 
-def port_offset() -> int:
-    """An offset under which the default ports (the broker's, every service's gRPC and metrics) are all free now."""
-    import socket
-
-    from services.processes import DEFAULT_PORTS
-
-    ports = [9092, *(port for pair in DEFAULT_PORTS.values() for port in pair)]
-    for _ in range(100):
-        offset = random.randint(2000, 6000)
-        try:
-            for port in ports:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return offset
-    raise AssertionError("no free port offset found")
-
-
 async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint(tmp_path):
-    offset = port_offset()
+    offset = free_port_offset()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -175,10 +156,10 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint(tmp_pa
                 logs = {p.name: p.read_text()[-2000:] for p in tmp_path.iterdir()}
                 raise AssertionError(f"clisonix up was not up in time; logs: {logs}") from None
             assert line, "clisonix up exited before it was up"
-        for port in (50051, 50052, 8001, 50054):  # ingest, fusion, inference, tide
+        for name, (port, _) in DEFAULT_PORTS.items():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port + offset}") as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING, port
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
     finally:
         process.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(process.wait(), 60)
@@ -186,7 +167,7 @@ async def test_clisonix_up_serves_health_on_its_ports_and_stops_on_sigint(tmp_pa
 
 
 async def test_clisonix_demo_runs_the_main_job():
-    code, output = await run_cli("demo", "--duration", "20", "--speed", "40", "--port-offset", str(port_offset()))
+    code, output = await run_cli("demo", "--duration", "20", "--speed", "40", "--port-offset", str(free_port_offset()))
     assert code == 0, output
     assert "cardio 241 chunks acked" in output  # 20 s of v102s: 80 blocks per stream, one split by a gap
     assert "0 rejected" in output
