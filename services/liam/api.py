@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
+from aiokafka.errors import KafkaError
 
 from clisonix.liam.v1 import liam_pb2, liam_pb2_grpc
-from services.common.errors import ClisonixError, InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import ClisonixError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.kafka import EventProducer
 from services.liam.binary import BinaryAlgebra, HammingIndex
 from services.liam.codec import invalid, record_metrics, report_to_proto, vectors_from_proto, vectors_to_proto
@@ -54,7 +55,13 @@ class LiamServicer(liam_pb2_grpc.LiamServiceServicer):
                     )
                 )
             index += 1
-        await asyncio.gather(*deliveries)
+        try:
+            await asyncio.gather(*deliveries)
+        except KafkaError as exc:
+            # Some records may have been written: each has its record id, so a retry is counted once per id.
+            raise Unavailable(
+                f"Kafka did not take the records: {type(exc).__name__}", reason="kafka_unavailable"
+            ) from exc
         return liam_pb2.IngestMetricsResponse(accepted=len(deliveries), rejected=rejected)
 
     async def Analyze(

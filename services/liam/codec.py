@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from typing import Any
 
@@ -84,7 +83,7 @@ def report_to_proto(
         metrics=report["metrics"],
         rank=report["rank"],
         rank_tolerance=report["rank_tolerance"],
-        condition_number=report["condition_number"] if math.isfinite(report["condition_number"]) else math.inf,
+        condition_number=report["condition_number"],
         singular_values=report["singular_values"].tolist(),
         explained_variance=report["explained_variance"].tolist(),
         components=np.asarray(report["components"]).ravel().tolist(),

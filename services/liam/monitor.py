@@ -86,13 +86,9 @@ class StreamMonitor:
     def observe(self, record_id: str, time_s: float, metrics: Mapping[str, float]) -> Anomaly | None:
         """Folds one checked record in; returns the anomaly it is, if it is one. A record id seen before is
         counted as a duplicate and changes nothing."""
-        if record_id:
-            if record_id in self._seen:
-                self.duplicates += 1
-                return None
-            self._seen[record_id] = None
-            while len(self._seen) > self.dedupe:
-                self._seen.popitem(last=False)
+        if record_id and record_id in self._seen:
+            self.duplicates += 1
+            return None
         if self.patterns is None:
             names = sorted(metrics)
             if len(names) > self.max_metrics:
@@ -106,6 +102,10 @@ class StreamMonitor:
         row = np.array([metrics.get(name, mean[i]) for i, name in enumerate(self.metrics)])
         anomaly = self._check(record_id, time_s, row) if self.patterns.count >= self.warmup else None
         self.patterns.update(row)
+        if record_id:  # remembered once folded in: a record refused above may come again, corrected
+            self._seen[record_id] = None
+            while len(self._seen) > self.dedupe:
+                self._seen.popitem(last=False)
         if anomaly is not None:
             self.anomalies += 1
         return anomaly
