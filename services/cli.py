@@ -317,6 +317,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench import tide as tide_bench
 
         return tide_bench.main(args.bench_args)
+    if args.name == "tide-consistency":
+        from bench import tide_consistency
+
+        return tide_consistency.main(args.bench_args)
     from bench import ingest as ingest_bench
 
     return ingest_bench.main(args.bench_args)
@@ -486,10 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (ingest, fusion, inference, tide, liam)",
+        help="run a benchmark (ingest, fusion, inference, tide, liam) or the tide-consistency check",
         description="Benchmarks, printing figures and ratios measured side by side in one run.",
     )
-    bench.add_argument("name", choices=["ingest", "fusion", "inference", "tide", "liam"], help="which benchmark")
+    bench.add_argument(
+        "name", choices=["ingest", "fusion", "inference", "tide", "tide-consistency", "liam"], help="which benchmark"
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=cmd_bench)
 

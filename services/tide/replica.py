@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import RecordMetadata, TopicPartition
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from clisonix.tide.v1 import tide_pb2
 from services.common.errors import ClisonixError, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = "//clisonix/tide"
 OUTCOME_LABELS = {outcome: outcome.name.lower() for outcome in Outcome}
+# Pause before reading a partition again from a hole in its offsets.
+GAP_RETRY_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class TideMetrics:
     lag_records{partition}: records in the log (fetch highwater) not applied here yet.
     apply_seconds: applying one fetched batch of records. write_latency_seconds: a write appended -> applied here.
     snapshot_age_seconds, snapshot_bytes: since the last snapshot was written, and its size.
+    log_gaps_total{result}: holes in a partition's offsets found while reading (a record not readable yet):
+    filled (read once it arrived) or skipped (a hole in the log itself). log_gap_seconds: how long one waited.
     """
 
     applied_offset: Gauge
@@ -63,10 +67,18 @@ class TideMetrics:
     write_latency_seconds: Histogram
     snapshot_age_seconds: Gauge
     snapshot_bytes: Gauge
+    log_gaps_total: Counter
+    log_gap_seconds: Histogram
 
     @classmethod
     def create(cls, metrics: ServiceMetrics) -> TideMetrics:
-        registry = metrics.registry
+        created = cls._build(metrics.registry)
+        for result in ("filled", "skipped"):  # shown as 0 before the first hole
+            created.log_gaps_total.labels(result)
+        return created
+
+    @classmethod
+    def _build(cls, registry: CollectorRegistry) -> TideMetrics:
         return cls(
             applied_offset=Gauge(
                 f"{PREFIX}_tide_applied_offset", "Next command-log offset to apply", ["partition"], registry=registry
@@ -97,6 +109,18 @@ class TideMetrics:
                 f"{PREFIX}_tide_snapshot_age_seconds", "Seconds since the last snapshot was written", registry=registry
             ),
             snapshot_bytes=Gauge(f"{PREFIX}_tide_snapshot_bytes", "Size of the last snapshot", registry=registry),
+            log_gaps_total=Counter(
+                f"{PREFIX}_tide_log_gaps",
+                "Holes found in a partition's offsets, by result",
+                ["result"],
+                registry=registry,
+            ),
+            log_gap_seconds=Histogram(
+                f"{PREFIX}_tide_log_gap_seconds",
+                "A hole found in the offsets -> the missing record read",
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
         )
 
 
@@ -149,6 +173,8 @@ class Replica:
         # Partitions whose log provably reaches this replica's position: nothing was applied before this run, or
         # this run has read records from the log there. Only the others are checked against the highwater.
         self._log_reaches: set[int] = set()
+        # partition -> (the missing offset, monotonic time it was first found missing)
+        self._gaps: dict[int, tuple[int, float]] = {}
 
     async def assign(self, timeout_s: float = 30.0) -> None:
         """Assigns every partition of the log and seeks each to the state's applied offset."""
@@ -189,12 +215,18 @@ class Replica:
                 continue
             started = time.perf_counter()
             outcomes: collections.Counter[str] = collections.Counter()
+            waiting_for_gap = False
             for tp, records in sorted(batches.items(), key=lambda item: item[0].partition):
-                for record in records:
+                contiguous = self._contiguous(tp, records)
+                waiting_for_gap |= len(contiguous) < len(records)
+                for record in contiguous:
                     outcomes[self._apply(record)] += 1
-                if records:
+                if contiguous:
                     self._log_reaches.add(tp.partition)
                 self.metrics.applied_offset.labels(str(tp.partition)).set(self.state.applied(tp.partition))
+            if waiting_for_gap:
+                # The missing record is usually written within a millisecond: re-read soon, not in a hot loop.
+                await asyncio.sleep(GAP_RETRY_SECONDS)
             if batches:
                 # Counted per batch: a labelled counter costs more than applying a record.
                 for outcome, count in outcomes.items():
@@ -203,6 +235,41 @@ class Replica:
                 async with self._applied:
                     self._applied.notify_all()
             self._check_highwater()
+
+    def _contiguous(self, tp: TopicPartition, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """The records to apply now: those up to the first hole in the offsets.
+
+        The command log is written without transactions or compaction, so its offsets are contiguous, and a
+        record past the next expected offset means the fetch skipped one that is not readable yet (a broker may
+        answer a fetch while a concurrent produce request to the same partition is still being written: the
+        embedded broker reserves offsets before it stores the records). Applying past the hole would leave this
+        replica without a command every other replica applies. So the partition is read again from the hole until
+        the record shows up; a hole that stays for settings.log_gap_wait_seconds is a hole in the log itself
+        (every replica finds it), skipped with an error log.
+        """
+        p = tp.partition
+        expected = self.state.applied(p)
+        for index, record in enumerate(records):
+            gap = self._gaps.get(p)
+            if record.offset > expected:
+                now = time.monotonic()
+                if gap is None or gap[0] != expected:
+                    gap = self._gaps[p] = (expected, now)
+                if now - gap[1] < self.settings.log_gap_wait_seconds:
+                    self.consumer.seek(tp, expected)  # drops what was fetched past the hole
+                    return records[:index]
+                del self._gaps[p]
+                self.metrics.log_gaps_total.labels("skipped").inc()
+                log.error(
+                    "command log has a hole that did not fill: offsets skipped",
+                    extra={"fields": {"partition": p, "first": expected, "last": record.offset - 1}},
+                )
+            elif gap is not None and gap[0] == record.offset:
+                del self._gaps[p]
+                self.metrics.log_gaps_total.labels("filled").inc()
+                self.metrics.log_gap_seconds.observe(time.monotonic() - gap[1])
+            expected = record.offset + 1
+        return records
 
     def _check_highwater(self) -> None:
         for p in self.partitions:

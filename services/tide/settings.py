@@ -39,6 +39,9 @@ class TideSettings(ServiceSettings):
     # The snapshot file (None: no snapshots, a full replay on every start) and how often it is rewritten.
     snapshot_path: Path | None = None
     snapshot_interval_seconds: float = Field(default=30.0, gt=0)
+    # How long a hole in a partition's offsets (a record a fetch skipped because it was not readable yet) is read
+    # again before it is taken for a hole in the log itself and skipped.
+    log_gap_wait_seconds: float = Field(default=10.0, gt=0)
     # How often the digest and applied-offset gauges are refreshed.
     metrics_interval_seconds: float = Field(default=1.0, gt=0)
 

@@ -53,6 +53,9 @@ async def test_reseed_restores_the_snapshot_keys_and_a_second_run_changes_nothin
 
     # A replica replaying the re-seeded log from its start (no snapshot) holds the snapshot's keys and values.
     service, stub = await tide_replica()
+    assert service.replica is not None
+    # A Get without a minimum version answers from what the replica has applied: wait for the four records.
+    await wait_for(lambda: sum(service.replica.state.applied(p) for p in range(3)) == 4)
     found = {}
     for key in expected:
         reply = await stub.Get(tide_pb2.GetRequest(key=key))
@@ -63,7 +66,6 @@ async def test_reseed_restores_the_snapshot_keys_and_a_second_run_changes_nothin
     # The same re-seed again appends the same command ids: every replica skips them as duplicates.
     again = await reseed(settings, snapshot)
     assert again.keys == 4
-    assert service.replica is not None
     await wait_for(lambda: sum(service.replica.state.applied(p) for p in range(3)) == 8)
     after = await stub.Digest(tide_pb2.DigestRequest())
     assert [p.sha256 for p in after.partitions] != [] and [p.keys for p in after.partitions] == [
