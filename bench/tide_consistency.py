@@ -31,6 +31,7 @@ import contextlib
 import json
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -127,6 +128,9 @@ class Clients:
         self.history: list[Any] = []
         self.cas_calls = self.conflicts = self.resent = 0
         self.started = time.monotonic()
+        # Set once half of all increments are acknowledged (when --kill strikes).
+        self.halfway = asyncio.Event()
+        self._half = config.clients * config.increments // 2
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -192,6 +196,8 @@ class Clients:
                 )
                 if applied:
                     self.acknowledged[key] += 1
+                    if self.total_acknowledged() >= self._half:
+                        self.halfway.set()
                     break
                 self.conflicts += 1
 
@@ -222,9 +228,11 @@ async def kill_and_restart(
 ) -> tuple[int, float]:
     """Once half of all increments are acknowledged: SIGKILL one replica, start it again (same snapshot, ports).
     Returns the replica's index and the seconds it was down."""
-    half = clients.config.clients * clients.config.increments // 2
-    while clients.total_acknowledged() < half and not stopped.is_set():
-        await asyncio.sleep(0.02)
+    halfway = asyncio.create_task(clients.halfway.wait())
+    ended = asyncio.create_task(stopped.wait())
+    await asyncio.wait([halfway, ended], return_when=asyncio.FIRST_COMPLETED)
+    halfway.cancel()
+    ended.cancel()
     victim = rng.randrange(len(replicas))
     process = replicas[victim]
     assert process.process is not None
@@ -405,9 +413,7 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
                 result = await run_once(bootstrap, config, Path(tmp))
                 if not result.passed and args.keep_logs is not None:
                     target = args.keep_logs / f"run-{index + 1}"
-                    target.mkdir(parents=True, exist_ok=True)
-                    for log in Path(tmp).glob("replica-*.log"):
-                        (target / log.name).write_bytes(log.read_bytes())
+                    await asyncio.to_thread(shutil.copytree, tmp, target, ignore=shutil.ignore_patterns("*.snapshot"))
             results.append(result)
             console.print(describe(index, args.runs, result), markup=False)
     finally:
@@ -421,8 +427,11 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
         + (" with a replica killed and restarted in each" if args.kill else " without faults")
         + f"; holes in the offsets read again until filled: {int(holes)}"
     )
-    summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    summary.update({"passed": passed, "runs": [asdict(r) for r in results]})
+    summary: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "passed": passed,
+        "runs": [asdict(r) for r in results],
+    }
     if passed < len(results):
         if args.json is not None:  # the figures of a failed check matter most
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
