@@ -235,7 +235,15 @@ async def write_leg(
                 f"  [red]writes not yet visible after {args.visible_timeout:g} s, per replica: {missing}[/red] "
                 "(counted with the time waited: a lower bound)"
             )
-        digests = [await stub.Digest(tide_pb2.DigestRequest(), timeout=10) for stub in stubs]
+        # Digests at equal offsets: the furthest any replica applied (the replicas' own digest reports keep landing
+        # for a moment after the last write, so "now" differs between replicas).
+        now = [await stub.Digest(tide_pb2.DigestRequest(), timeout=10) for stub in stubs]
+        ends: dict[int, int] = {}
+        for reply in now:
+            for d in reply.partitions:
+                ends[d.partition] = max(ends.get(d.partition, 0), d.applied.offset)
+        at = [tide_pb2.AppliedOffset(partition=p, offset=o) for p, o in sorted(ends.items())]
+        digests = [await stub.Digest(tide_pb2.DigestRequest(at=at), timeout=10) for stub in stubs]
     finally:
         for w in watchers:
             w.cancel()
@@ -285,7 +293,8 @@ async def catch_up_leg(settings: Any, ends: dict[int, int], console: Any) -> dic
             elapsed = time.perf_counter() - t0
             stop.set()
             await task
-            digests = {p: (applied, sha) for p, (applied, sha) in replica.state.digests().items()}
+            # At the replicas' offsets, which this replica may have passed within its last fetch.
+            digests = {p: (end, replica.state.partition(p).digest_at(end)) for p, end in ends.items()}
     finally:
         await consumer.stop()
     console.print(f"  catch-up: {records} records applied in {elapsed:.3f} s")

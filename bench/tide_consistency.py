@@ -83,6 +83,7 @@ class RunResult:
     killed_replica: int | None = None
     restarted_from_snapshot: bool | None = None
     holes: dict[str, float] = field(default_factory=dict)
+    digest_checks: dict[str, float] = field(default_factory=dict)
 
 
 def replica_environment(bootstrap: str, topic: str, config: ScenarioConfig, folder: Path, index: int) -> dict[str, str]:
@@ -99,15 +100,15 @@ def replica_environment(bootstrap: str, topic: str, config: ScenarioConfig, fold
     }
 
 
-def scrape_holes(metrics_port: int) -> dict[str, float]:
-    """The replica's clisonix_tide_log_gaps_total by result (empty when the page cannot be read)."""
+def scrape_counter(metrics_port: int, name: str) -> dict[str, float]:
+    """A replica's counter `name` (a `result` label) by result; empty when the page cannot be read."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
         return {}
     found: dict[str, float] = {}
-    for match in re.finditer(r'^clisonix_tide_log_gaps_total\{result="(\w+)"\} ([0-9.e+]+)$', text, re.M):
+    for match in re.finditer(rf'^{name}\{{result="(\w+)"\}} ([0-9.e+]+)$', text, re.M):
         found[match.group(1)] = float(match.group(2))
     return found
 
@@ -320,9 +321,14 @@ async def run_once(bootstrap: str, config: ScenarioConfig, folder: Path) -> RunR
         if any(s != "SERVING" for s in statuses):
             problems.append(f"replica health {statuses}")
         holes: dict[str, float] = {}
+        checks: dict[str, float] = {}
         for process in replicas:
-            for result, count in scrape_holes(process.metrics_port).items():
+            for result, count in scrape_counter(process.metrics_port, "clisonix_tide_log_gaps_total").items():
                 holes[result] = holes.get(result, 0.0) + count
+            for result, count in scrape_counter(process.metrics_port, "clisonix_tide_digest_checks_total").items():
+                checks[result] = checks.get(result, 0.0) + count
+        if checks.get("disagree"):
+            problems.append(f"replicas found digests that disagree: {checks}")
         restarted = None
         if killed is not None:
             log = (folder / f"replica-{killed[0]}.log").read_text(errors="replace")
@@ -344,6 +350,7 @@ async def run_once(bootstrap: str, config: ScenarioConfig, folder: Path) -> RunR
             killed_replica=None if killed is None else killed[0],
             restarted_from_snapshot=restarted,
             holes=holes,
+            digest_checks=checks,
         )
     finally:
         if clients is not None:
@@ -378,10 +385,12 @@ def describe(index: int, runs: int, result: RunResult) -> str:
     if result.killed_replica is not None:
         kill = f"; replica {result.killed_replica} killed and restarted"
     holes = ", ".join(f"{int(v)} {k}" for k, v in sorted(result.holes.items())) or "none"
+    checks = ", ".join(f"{int(v)} {k}" for k, v in sorted(result.digest_checks.items())) or "none"
     line = (
         f"run {index + 1}/{runs}: {verdict} {result.cas_calls:,} compare-and-sets "
         f"({result.conflicts:,} conflicts, {result.resent_calls} re-sent) in {result.seconds:.1f} s; "
-        f"counters {sorted(result.acknowledged.values())}; holes in the offsets: {holes}{kill}"
+        f"counters {sorted(result.acknowledged.values())}; holes in the offsets: {holes}; "
+        f"digest checks between replicas: {checks}{kill}"
     )
     for problem in result.problems:
         line += f"\n    {problem}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -16,7 +17,7 @@ from services.tide.codec import (
     version_to_proto,
 )
 from services.tide.replica import Replica, new_command_id
-from services.tide.state import Cas, Command, Delete, Op, Put, Result, Version
+from services.tide.state import Cas, Command, Delete, DigestReport, Op, Put, Result, Version
 
 SERVICE_NAME = tide_pb2.DESCRIPTOR.services_by_name["TideService"].full_name
 
@@ -63,6 +64,7 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
     async def Get(self, request: tide_pb2.GetRequest, context: grpc.aio.ServicerContext) -> tide_pb2.GetResponse:
         if not request.key:
             raise InvalidArgument("key is empty", reason="empty_key")
+        self.replica.ensure_serving()
         partition = self.replica.partition_for(request.key)
         if request.HasField("min_version"):
             await self.replica.wait_applied([version_from_proto(request.min_version)])
@@ -76,6 +78,7 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
     async def List(self, request: tide_pb2.ListRequest, context: grpc.aio.ServicerContext) -> tide_pb2.ListResponse:
         if not self.replica.ready.is_set():
             raise Unavailable("replica not ready", reason="not_ready")
+        self.replica.ensure_serving()
         await self.replica.wait_applied([version_from_proto(v) for v in request.min_versions])
         entries = self.replica.state.list(request.prefix)
         return tide_pb2.ListResponse(
@@ -88,6 +91,7 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
     ) -> AsyncIterator[tide_pb2.Change]:
         if not self.replica.ready.is_set():
             raise Unavailable("replica not ready", reason="not_ready")
+        self.replica.ensure_serving()
         starts = [Version(v.partition, v.offset) for v in request.from_versions]
         async for batch in self.replica.watch(request.prefix, starts):
             for change in batch:
@@ -98,6 +102,7 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
     ) -> AsyncIterator[tide_pb2.ChangeBatch]:
         if not self.replica.ready.is_set():
             raise Unavailable("replica not ready", reason="not_ready")
+        self.replica.ensure_serving()
         starts = [Version(v.partition, v.offset) for v in request.from_versions]
         async for batch in self.replica.watch(request.prefix, starts):
             yield tide_pb2.ChangeBatch(changes=[change_to_proto(change) for change in batch])
@@ -115,6 +120,8 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
                 command = command_from_proto(message)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"command {index}: {exc}", reason=exc.reason) from exc
+            if isinstance(command.op, DigestReport):
+                raise InvalidArgument(f"command {index}: digest reports are written by replicas", reason="bad_op")
             commands.append(Command(command.command_id or new_command_id(), command.key, command.op))
         results = await self.replica.write_many(commands)
         return tide_pb2.BatchWriteResponse(
@@ -124,17 +131,37 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
     async def Digest(
         self, request: tide_pb2.DigestRequest, context: grpc.aio.ServicerContext
     ) -> tide_pb2.DigestResponse:
-        state = self.replica.state
-        return tide_pb2.DigestResponse(
-            partitions=[
+        replica = self.replica
+        state = replica.state
+        wanted = {a.partition: a.offset for a in request.at}
+        if len(wanted) < len(request.at):
+            raise InvalidArgument("at most one offset per partition", reason="bad_partition")
+        if wanted:
+            await replica.wait_applied([Version(p, offset - 1) for p, offset in wanted.items() if offset > 0])
+        partitions = []
+        for p, (applied, digest) in state.digests().items():
+            if p in wanted:
+                applied, found = wanted[p], state.partitions[p].digest_at(wanted[p])
+                if found is None:
+                    continue
+                digest = found
+            partitions.append(
                 tide_pb2.PartitionDigest(
                     partition=p,
                     applied=tide_pb2.AppliedOffset(partition=p, offset=applied),
                     sha256=digest,
                     keys=len(state.partitions[p].entries),
                 )
-                for p, (applied, digest) in state.digests().items()
-            ]
+            )
+        now = time.monotonic()
+        peers = [
+            tide_pb2.PeerCheck(
+                replica=c.peer, partition=c.partition, offset=c.offset, agrees=c.agrees, age_seconds=now - c.at
+            )
+            for c in replica.agreement.checks(now)
+        ]
+        return tide_pb2.DigestResponse(
+            partitions=partitions, replica=replica.replica_id, peers=peers, in_minority=replica.in_minority
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from clisonix.tide.v1 import tide_pb2
 from services.common.errors import InvalidArgument
-from services.tide.state import Cas, Change, Command, Delete, Entry, Op, Put, Version
+from services.tide.state import Cas, Change, Command, Delete, DigestReport, Entry, Op, Put, Version
 
 
 def version_to_proto(version: Version | None) -> tide_pb2.Version | None:
@@ -31,6 +31,9 @@ def command_to_proto(command: Command) -> tide_pb2.Command:
         message.cas.expect_absent = op.expect_absent
         if op.expected is not None:
             message.cas.expected.CopyFrom(tide_pb2.Version(partition=op.expected.partition, offset=op.expected.offset))
+    elif isinstance(op, DigestReport):
+        report = message.digest_report
+        report.replica, report.applied, report.sha256 = op.replica, op.applied, op.sha256
     else:
         message.delete.SetInParent()
     return message
@@ -48,6 +51,9 @@ def command_from_proto(message: tide_pb2.Command) -> Command:
         op = Cas(cas.value, cas.content_type, expected=expected, expect_absent=cas.expect_absent)
     elif kind == "delete":
         op = Delete()
+    elif kind == "digest_report":
+        report = message.digest_report
+        op = DigestReport(report.replica, report.applied, report.sha256)
     else:
         raise InvalidArgument("command has no operation", reason="no_operation")
     return Command(message.command_id, message.key, op)

@@ -30,9 +30,19 @@ from services.common.events import UndecodableEvent, event_headers, parse_event
 from services.common.kafka import EventProducer
 from services.common.metrics import LATENCY_BUCKETS, PREFIX, ServiceMetrics
 from services.tide import snapshots
+from services.tide.agreement import Check, PeerAgreement
 from services.tide.codec import command_from_proto, command_to_proto
 from services.tide.settings import TideSettings
-from services.tide.state import Change, Command, Outcome, Result, TideState, Version, check_command
+from services.tide.state import (
+    Change,
+    Command,
+    DigestReport,
+    Outcome,
+    Result,
+    TideState,
+    Version,
+    check_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,10 @@ class TideMetrics:
     snapshot_age_seconds, snapshot_bytes: since the last snapshot was written, and its size.
     log_gaps_total{result}: holes in a partition's offsets found while reading (a record not readable yet):
     filled (read once it arrived) or skipped (a hole in the log itself). log_gap_seconds: how long one waited.
+    digest_checks_total{result}: other replicas' digest reports compared with this replica's digest at the same
+    offset: agree, disagree, or unknown (the offset is no longer, or not, in this replica's history).
+    peers_disagreeing: replicas whose latest reports disagree with this one. in_minority: 1 while this replica
+    disagrees with at least as many replicas as agree with it (it then serves nothing).
     """
 
     applied_offset: Gauge
@@ -69,12 +83,17 @@ class TideMetrics:
     snapshot_bytes: Gauge
     log_gaps_total: Counter
     log_gap_seconds: Histogram
+    digest_checks_total: Counter
+    peers_disagreeing: Gauge
+    in_minority: Gauge
 
     @classmethod
     def create(cls, metrics: ServiceMetrics) -> TideMetrics:
         created = cls._build(metrics.registry)
         for result in ("filled", "skipped"):  # shown as 0 before the first hole
             created.log_gaps_total.labels(result)
+        for result in ("agree", "disagree", "unknown"):
+            created.digest_checks_total.labels(result)
         return created
 
     @classmethod
@@ -121,6 +140,22 @@ class TideMetrics:
                 buckets=LATENCY_BUCKETS,
                 registry=registry,
             ),
+            digest_checks_total=Counter(
+                f"{PREFIX}_tide_digest_checks",
+                "Other replicas' digest reports compared with this replica's digest at the same offset, by result",
+                ["result"],
+                registry=registry,
+            ),
+            peers_disagreeing=Gauge(
+                f"{PREFIX}_tide_peers_disagreeing",
+                "Replicas whose latest digest reports disagree with this replica's state",
+                registry=registry,
+            ),
+            in_minority=Gauge(
+                f"{PREFIX}_tide_in_minority",
+                "1 while this replica's state disagrees with at least as many replicas as agree with it",
+                registry=registry,
+            ),
         )
 
 
@@ -160,7 +195,10 @@ class Replica:
         self.consumer = consumer
         self.producer = producer
         self.metrics = metrics
-        self.state = state or TideState(settings.limits(), settings.feed_length, settings.dedupe_length)
+        self.state = state or TideState(
+            settings.limits(), settings.feed_length, settings.dedupe_length, settings.digest_history
+        )
+        self.replica_id = settings.resolved_replica_id()
         self.partitions: list[int] = []
         # command id -> the pending write calls (and the command's place in each) waiting for its record here.
         self._waiters: dict[str, list[tuple[PendingWrites, int]]] = {}
@@ -175,6 +213,13 @@ class Replica:
         self._log_reaches: set[int] = set()
         # partition -> (the missing offset, monotonic time it was first found missing)
         self._gaps: dict[int, tuple[int, float]] = {}
+        # Agreement with the other replicas' digest reports; set `health_changed` when in_minority flips.
+        self.agreement = PeerAgreement(settings.digest_report_window_seconds)
+        self.in_minority = False
+        self.health_changed = asyncio.Event()
+        # partition -> commands (not digest reports) applied since this replica last reported its digest there
+        self._unreported: dict[int, int] = {}
+        self._disagreeing: set[tuple[str, int]] = set()  # (peer, partition) whose latest report disagreed
 
     async def assign(self, timeout_s: float = 30.0) -> None:
         """Assigns every partition of the log and seeks each to the state's applied offset."""
@@ -303,6 +348,10 @@ class Replica:
             self.state.skip(p, offset)
             log.warning("command skipped", extra={"fields": {"partition": p, "offset": offset, "error": str(exc)}})
             return "invalid"
+        if isinstance(command.op, DigestReport):
+            self._compare(p, command.op)
+            return "digest_report"
+        self._unreported[p] = self._unreported.get(p, 0) + 1
         waiting = self._waiters.pop(command.command_id, None)
         if waiting is not None:
             for pending, index in waiting:
@@ -310,6 +359,61 @@ class Replica:
         if result.version.offset != offset or result.version.partition != p:
             return "duplicate"
         return OUTCOME_LABELS[result.outcome]
+
+    def _compare(self, partition: int, report: DigestReport) -> None:
+        """Compares another replica's reported digest with this replica's own at the same applied offset."""
+        if report.replica == self.replica_id:
+            return
+        own = self.state.partition(partition).digest_at(report.applied)
+        if own is None:
+            self.metrics.digest_checks_total.labels("unknown").inc()
+            return
+        agrees = own == report.sha256
+        self.metrics.digest_checks_total.labels("agree" if agrees else "disagree").inc()
+        key = (report.replica, partition)
+        if not agrees and key not in self._disagreeing:
+            log.error(
+                "replica states differ at equal offsets: this replica's digest is not the other replica's",
+                extra={
+                    "fields": {
+                        "peer": report.replica,
+                        "partition": partition,
+                        "offset": report.applied,
+                        "digest": own[:12],
+                        "peer_digest": report.sha256[:12],
+                    }
+                },
+            )
+        if agrees:
+            self._disagreeing.discard(key)
+        else:
+            self._disagreeing.add(key)
+        self.agreement.record(Check(report.replica, partition, report.applied, agrees, time.monotonic()))
+        self.evaluate_agreement()
+
+    def evaluate_agreement(self) -> None:
+        """Updates the agreement gauges and in_minority (logged, and signalled through health_changed)."""
+        verdict = self.agreement.verdict(time.monotonic())
+        self.metrics.peers_disagreeing.set(len(verdict.disagreeing))
+        if verdict.in_minority == self.in_minority:
+            return
+        self.in_minority = verdict.in_minority
+        self.metrics.in_minority.set(int(verdict.in_minority))
+        self.health_changed.set()
+        fields = {"agreeing": list(verdict.agreeing), "disagreeing": list(verdict.disagreeing)}
+        if verdict.in_minority:
+            log.error(
+                "this replica's state disagrees with the other replicas': NOT_SERVING until they agree again "
+                "(restart it without its snapshot to rebuild its state from the log)",
+                extra={"fields": fields},
+            )
+        else:
+            log.warning("this replica's state agrees with the other replicas' again: serving", extra={"fields": fields})
+
+    def ensure_serving(self) -> None:
+        """Raises Unavailable while this replica's state disagrees with the other replicas'."""
+        if self.in_minority:
+            raise Unavailable("this replica's state disagrees with the other replicas'", reason="state_disagrees")
 
     async def write(self, command: Command) -> Result:
         """Appends `command` and returns its result once this replica applied it.
@@ -328,6 +432,7 @@ class Replica:
         """
         if self.diverged is not None:
             raise Unavailable("replica's state is ahead of the log", reason="log_behind_snapshot")
+        self.ensure_serving()
         if len(commands) > self.settings.max_batch_commands:
             raise InvalidArgument(
                 f"{len(commands)} commands in one batch, over {self.settings.max_batch_commands}",
@@ -368,18 +473,25 @@ class Replica:
         """Queues the commands' records, one producer batch per partition (split where a batch is full), so a
         write call costs one produce request per partition rather than one per command; the futures resolve
         once the log acknowledged each batch. Commands keep their order within a partition."""
-        producer = self.producer.producer
-        topic = self.settings.topic_log
         by_partition: dict[int, list[Command]] = {}
         for command in commands:
             by_partition.setdefault(self.partition_for(command.key), []).append(command)
         deliveries = []
         for partition, queued in by_partition.items():
+            deliveries.extend(await self._append_to(partition, queued))
+        return deliveries
+
+    async def _append_to(self, partition: int, queued: list[Command]) -> list[asyncio.Future[RecordMetadata]]:
+        """Queues the commands' records to `partition` in as few producer batches as fit."""
+        producer = self.producer.producer
+        topic = self.settings.topic_log
+        deliveries = []
+        if queued:
             batch = producer.create_batch()
             for command in queued:
                 message = command_to_proto(command)
                 record = {
-                    "key": command.key.encode("utf-8"),
+                    "key": command.key.encode("utf-8") or None,
                     "value": message.SerializeToString(),
                     "timestamp": None,
                     "headers": event_headers(message, SOURCE, event_id=command.command_id),
@@ -459,13 +571,42 @@ class Replica:
             self.metrics.applied_offset.labels(str(p)).set(applied)
             self.metrics.digest_prefix.labels(str(p)).set(int(digest[:12], 16))
 
+    async def report_digests(self) -> int:
+        """Appends a DigestReport (this replica's digest at its applied offset) to every partition where it applied
+        commands since its last report there; returns how many it appended. An idle log gets no reports."""
+        if self.diverged is not None:
+            return 0
+        deliveries = []
+        for p in self.partitions:
+            if not self._unreported.get(p):
+                continue
+            self._unreported[p] = 0
+            ps = self.state.partition(p)
+            report = DigestReport(self.replica_id, ps.applied, ps.digest())
+            deliveries.extend(await self._append_to(p, [Command(new_command_id(), "", report)]))
+        results = await asyncio.gather(*deliveries, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("digest report not appended", extra={"fields": {"error": repr(failed[0])}})
+        return len(results) - len(failed)
+
     async def run_periodic(self, stop: asyncio.Event) -> None:
-        """Refreshes the digest gauges and rewrites the snapshot at their intervals until `stop` is set."""
-        last_snapshot = time.monotonic()
+        """Refreshes the digest gauges, reports this replica's digests, re-evaluates its agreement with the other
+        replicas and rewrites the snapshot, each at its interval, until `stop` is set."""
+        last_snapshot = last_report = time.monotonic()
+        interval = min(self.settings.metrics_interval_seconds, self.settings.digest_report_interval_seconds)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.metrics_interval_seconds)
+                await asyncio.wait_for(stop.wait(), interval)
             self.refresh_metrics()
+            self.evaluate_agreement()  # checks age out of the window
+            if time.monotonic() - last_report >= self.settings.digest_report_interval_seconds:
+                last_report = time.monotonic()
+                try:
+                    async with asyncio.timeout(self.settings.write_timeout_seconds):
+                        await self.report_digests()
+                except (TimeoutError, ClisonixError):
+                    log.warning("digest reports not appended in time")
             if time.monotonic() - last_snapshot >= self.settings.snapshot_interval_seconds:
                 last_snapshot = time.monotonic()
                 try:

@@ -45,7 +45,7 @@ class TideService:
         await runtime.start()
         if settings.create_topics:
             await ensure_topics(settings, [settings.topic_log])
-        state = TideState(settings.limits(), settings.feed_length, settings.dedupe_length)
+        state = TideState(settings.limits(), settings.feed_length, settings.dedupe_length, settings.digest_history)
         restored = None
         if settings.snapshot_path is not None:
             restored = snapshots.load(settings.snapshot_path, settings.topic_log, state)
@@ -71,7 +71,7 @@ class TideService:
         runtime.run_task(replica.run_periodic, "tide-periodic")
         self.grpc = GrpcServer(settings, [SERVICE_NAME], register(TideServicer(replica)))
         await runtime.serve_grpc(self.grpc)
-        report = asyncio.create_task(self._report_divergence(), name="tide-divergence")
+        report = asyncio.create_task(self._follow_health(), name="tide-health")
 
         async def stop_report() -> None:
             report.cancel()
@@ -82,11 +82,30 @@ class TideService:
         fields = {"grpc_port": self.grpc.port, "topic": settings.topic_log, "partitions": replica.partitions}
         log.info("tide ready", extra={"fields": fields})
 
-    async def _report_divergence(self) -> None:
-        """Health NOT_SERVING for TideService once the log is found younger than the state."""
-        assert self.replica is not None and self.grpc is not None
-        await self.replica.diverged_event.wait()
-        await self.grpc.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    async def _follow_health(self) -> None:
+        """Health for TideService: NOT_SERVING once the log is found younger than the state, and while the state
+        disagrees with the other replicas' (SERVING again once they agree)."""
+        replica, grpc_server = self.replica, self.grpc
+        assert replica is not None and grpc_server is not None
+        serving = True
+        while True:
+            wanted = replica.diverged is None and not replica.in_minority
+            if wanted != serving:
+                serving = wanted
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                await grpc_server.health.set(SERVICE_NAME, status)
+            if replica.diverged is not None:
+                return  # for good: the replica stopped applying
+            changed = asyncio.ensure_future(replica.health_changed.wait())
+            diverged = asyncio.ensure_future(replica.diverged_event.wait())
+            try:
+                await asyncio.wait([changed, diverged], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                diverged.cancel()
+            replica.health_changed.clear()
 
     async def stop(self) -> None:
         self.runtime.lifecycle.stop.set()

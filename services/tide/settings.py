@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import uuid
 from pathlib import Path
 
 from pydantic import Field
@@ -42,8 +44,23 @@ class TideSettings(ServiceSettings):
     # How long a hole in a partition's offsets (a record a fetch skipped because it was not readable yet) is read
     # again before it is taken for a hole in the log itself and skipped.
     log_gap_wait_seconds: float = Field(default=10.0, gt=0)
+    # This replica's name in the digest reports it appends (empty: host name and gRPC port). Unique per replica.
+    replica_id: str = ""
+    # How often a replica appends its digest at its applied offset to each partition it applied commands on
+    # (others compare it with theirs), and how long another replica's latest report counts.
+    digest_report_interval_seconds: float = Field(default=1.0, gt=0)
+    digest_report_window_seconds: float = Field(default=60.0, gt=0)
+    # Applied offsets per partition whose digest each replica remembers, to compare with reports that arrive later.
+    digest_history: int = Field(default=state.DEFAULT_DIGEST_HISTORY, gt=0)
     # How often the digest and applied-offset gauges are refreshed.
     metrics_interval_seconds: float = Field(default=1.0, gt=0)
+
+    def resolved_replica_id(self) -> str:
+        """replica_id, or host name and gRPC port (a StatefulSet pod's host name is its stable name); with port 0
+        (chosen at bind time) a random suffix instead of the port."""
+        if self.replica_id:
+            return self.replica_id
+        return f"{socket.gethostname()}:{self.grpc_port or uuid.uuid4().hex[:8]}"
 
     def limits(self) -> state.Limits:
         """The apply function's size limits."""

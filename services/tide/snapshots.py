@@ -125,7 +125,7 @@ def load(path: Path, topic: str, state: TideState) -> TideState | None:
         restored[p] = ps
     try:
         for p, key, value, content_type, vp, vo in entries:
-            restored[p].entries[key] = Entry(key, bytes(value), content_type, Version(vp, vo))
+            restored[p].store(Entry(key, bytes(value), content_type, Version(vp, vo)))
         for p, _seq, command_id, outcome, vp, vo, kvp, kvo in seen:
             kv = Version(kvp, kvo) if kvp is not None else None
             seen_ids: OrderedDict[str, Result] = restored[p].seen
@@ -133,4 +133,6 @@ def load(path: Path, topic: str, state: TideState) -> TideState | None:
     except (KeyError, ValueError):
         state.partitions.clear()
         return None
+    for ps in restored.values():
+        ps.history.append((ps.applied, ps.entries_sum))
     return state

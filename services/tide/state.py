@@ -12,6 +12,11 @@ exist (never written, or deleted). A missing key has no version, so no `expected
 Idempotent retries: the first record with a given command id in a partition is applied; a later record with
 the same id (a client retry) changes nothing and answers the first record's result. The table of seen ids is
 part of the state (bounded, oldest evicted first, so eviction is deterministic too).
+
+Digests: each partition keeps the sum (mod 2^256) of its entries' SHA-256 fingerprints, updated on every change,
+so its digest costs O(1) at any offset, and remembers the sums at its last `digest_history` offsets, so a
+replica can tell what its digest was at an offset another replica reports. A `DigestReport` record carries one
+replica's digest at an offset; applying it changes no key (the replica compares it with its own).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ DEFAULT_MAX_VALUE_BYTES = 1_048_576
 DEFAULT_MAX_CONTENT_TYPE_BYTES = 256
 DEFAULT_FEED_LENGTH = 10_000
 DEFAULT_DEDUPE_LENGTH = 100_000
-DIGEST_DOMAIN = b"clisonix.tide.digest.v1"
+DEFAULT_DIGEST_HISTORY = 20_000
+DIGEST_DOMAIN = b"clisonix.tide.digest.v2"
+_FINGERPRINT_MODULUS = 1 << 256
 
 
 class Version(NamedTuple):
@@ -74,7 +81,16 @@ class Delete:
     pass
 
 
-Op = Put | Cas | Delete
+@dataclass(slots=True)
+class DigestReport:
+    """One replica's digest of a partition at an applied offset (the record's own partition); changes no key."""
+
+    replica: str
+    applied: int
+    sha256: str
+
+
+Op = Put | Cas | Delete | DigestReport
 
 
 @dataclass(slots=True)
@@ -90,6 +106,26 @@ class Entry:
     value: bytes
     content_type: str
     version: Version
+    # SHA-256 of the fields above as an integer (set when the entry is stored): its share of the digest.
+    fingerprint: int = 0
+
+
+def fingerprint(entry: Entry) -> int:
+    """SHA-256 over the entry's length-prefixed key, content type and value and its version, as an integer."""
+    h = hashlib.sha256()
+    for part in (entry.key.encode("utf-8"), entry.content_type.encode("utf-8"), entry.value):
+        h.update(struct.pack(">Q", len(part)))
+        h.update(part)
+    h.update(struct.pack(">iq", entry.version.partition, entry.version.offset))
+    return int.from_bytes(h.digest(), "big")
+
+
+def digest_of(partition: int, applied: int, entries_sum: int) -> str:
+    """The digest (SHA-256, hex) of a partition whose entries' fingerprints sum to `entries_sum` at `applied`."""
+    h = hashlib.sha256(DIGEST_DOMAIN)
+    h.update(struct.pack(">iq", partition, applied))
+    h.update(entries_sum.to_bytes(32, "big"))
+    return h.hexdigest()
 
 
 @dataclass(slots=True)
@@ -125,6 +161,11 @@ class Limits:
 
 def check_command(command: Command, limits: Limits) -> None:
     """Raises InvalidArgument when `command` is malformed or over `limits`; used before appending and applying."""
+    if isinstance(command.op, DigestReport):
+        report = command.op
+        if not command.command_id or not report.replica or report.applied < 0 or len(report.sha256) != 64:
+            raise InvalidArgument("malformed digest report", reason="bad_digest_report")
+        return
     key_bytes = len(command.key.encode("utf-8"))
     if key_bytes == 0:
         raise InvalidArgument("key is empty", reason="empty_key")
@@ -146,7 +187,8 @@ def check_command(command: Command, limits: Limits) -> None:
 
 @dataclass
 class PartitionState:
-    """One partition's keys, its applied offset (the next offset to apply) and its bounded change feed."""
+    """One partition's keys, its applied offset (the next offset to apply), its bounded change feed, and the sums
+    of its entries' fingerprints at its last applied offsets (for digests at those offsets)."""
 
     partition: int
     applied: int = 0
@@ -156,18 +198,42 @@ class PartitionState:
     feed: deque[Change] = field(default_factory=deque)
     # Changes at offsets >= feed_floor are all in `feed` (a feed restored from a snapshot starts empty).
     feed_floor: int = 0
+    entries_sum: int = 0
+    # (applied offset, entries_sum) after each record, oldest first; bounded by the state's digest_history.
+    history: deque[tuple[int, int]] = field(default_factory=deque)
+
+    def store(self, entry: Entry) -> None:
+        """Sets `entry` (replacing any entry of its key) and keeps the fingerprint sum."""
+        entry.fingerprint = fingerprint(entry)
+        previous = self.entries.get(entry.key)
+        total = self.entries_sum + entry.fingerprint - (previous.fingerprint if previous is not None else 0)
+        self.entries_sum = total % _FINGERPRINT_MODULUS
+        self.entries[entry.key] = entry
+
+    def remove(self, key: str) -> None:
+        """Removes the entry of `key` (which exists) and keeps the fingerprint sum."""
+        entry = self.entries.pop(key)
+        self.entries_sum = (self.entries_sum - entry.fingerprint) % _FINGERPRINT_MODULUS
+
+    def advance(self, offset: int) -> None:
+        """Marks the record at `offset` applied and remembers the fingerprint sum there."""
+        self.applied = offset + 1
+        self.history.append((self.applied, self.entries_sum))
 
     def digest(self) -> str:
-        """SHA-256 (hex) over the applied offset and the entries sorted by key; equal across processes."""
-        h = hashlib.sha256(DIGEST_DOMAIN)
-        h.update(struct.pack(">iq", self.partition, self.applied))
-        for key in sorted(self.entries):
-            entry = self.entries[key]
-            for part in (key.encode("utf-8"), entry.content_type.encode("utf-8"), entry.value):
-                h.update(struct.pack(">Q", len(part)))
-                h.update(part)
-            h.update(struct.pack(">iq", entry.version.partition, entry.version.offset))
-        return h.hexdigest()
+        """SHA-256 (hex) over the partition, its applied offset and its entries; equal across processes."""
+        return digest_of(self.partition, self.applied, self.entries_sum)
+
+    def digest_at(self, applied: int) -> str | None:
+        """The digest when the applied offset was `applied`; None when that is not among the remembered ones."""
+        if applied == self.applied:
+            return self.digest()
+        for at, entries_sum in reversed(self.history):
+            if at == applied:
+                return digest_of(self.partition, applied, entries_sum)
+            if at < applied:
+                break
+        return None
 
 
 class TideState:
@@ -176,6 +242,7 @@ class TideState:
     limits: checked on every command (a malformed record is skipped the same way on every replica).
     feed_length: changes kept per partition for Watch.
     dedupe_length: command ids remembered per partition for idempotent retries.
+    digest_history: applied offsets per partition whose digest stays known (digest_at).
     """
 
     def __init__(
@@ -183,19 +250,23 @@ class TideState:
         limits: Limits | None = None,
         feed_length: int = DEFAULT_FEED_LENGTH,
         dedupe_length: int = DEFAULT_DEDUPE_LENGTH,
+        digest_history: int = DEFAULT_DIGEST_HISTORY,
     ) -> None:
-        if feed_length < 1 or dedupe_length < 1:
-            raise ValueError("feed_length and dedupe_length must be at least 1")
+        if feed_length < 1 or dedupe_length < 1 or digest_history < 1:
+            raise ValueError("feed_length, dedupe_length and digest_history must be at least 1")
         self.limits = limits or Limits()
         self.feed_length = feed_length
         self.dedupe_length = dedupe_length
+        self.digest_history = digest_history
         self.partitions: dict[int, PartitionState] = {}
 
     def partition(self, partition: int) -> PartitionState:
         """The state of `partition`, created empty (applied offset 0) on first use."""
         state = self.partitions.get(partition)
         if state is None:
-            state = self.partitions[partition] = PartitionState(partition, feed=deque(maxlen=self.feed_length))
+            state = self.partitions[partition] = PartitionState(
+                partition, feed=deque(maxlen=self.feed_length), history=deque(maxlen=self.digest_history)
+            )
         return state
 
     def applied(self, partition: int) -> int:
@@ -214,7 +285,7 @@ class TideState:
 
     def skip(self, partition: int, offset: int) -> None:
         """Marks a record that is not a valid command as applied without changing any key."""
-        self._advance(partition, offset).applied = offset + 1
+        self._advance(partition, offset).advance(offset)
 
     def apply(self, partition: int, offset: int, command: Command) -> Result:
         """Applies the command at (partition, offset); offsets must increase per partition.
@@ -225,12 +296,16 @@ class TideState:
         state = self._advance(partition, offset)
         check_command(command, self.limits)
         version = Version(partition, offset)
-        state.applied = offset + 1
+        if isinstance(command.op, DigestReport):  # read by the replica; not a write, so no retry to remember
+            state.advance(offset)
+            return Result(Outcome.APPLIED, version, None)
         previous = state.seen.get(command.command_id)
         if previous is not None:
+            state.advance(offset)
             current = state.entries.get(command.key)
             return Result(previous.outcome, previous.version, current.version if current else None)
         result = self._execute(state, command, version)
+        state.advance(offset)
         state.seen[command.command_id] = result
         while len(state.seen) > self.dedupe_length:
             state.seen.popitem(last=False)
@@ -242,15 +317,16 @@ class TideState:
         if isinstance(op, Delete):
             if current is None:
                 return Result(Outcome.NOT_FOUND, version, None)
-            del state.entries[key]
+            state.remove(key)
             self._record(state, Change(key, True, b"", "", version))
             return Result(Outcome.APPLIED, version, None)
         if isinstance(op, Cas):
             holds = current is None if op.expect_absent else current is not None and current.version == op.expected
             if not holds:
                 return Result(Outcome.CAS_CONFLICT, version, current.version if current else None)
+        assert not isinstance(op, DigestReport)
         entry = Entry(key, op.value, op.content_type, version)
-        state.entries[key] = entry
+        state.store(entry)
         self._record(state, Change(key, False, entry.value, entry.content_type, version))
         return Result(Outcome.APPLIED, version, version)
 

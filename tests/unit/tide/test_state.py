@@ -159,4 +159,4 @@ def test_digest_is_a_fixed_value_for_a_fixed_log():
     # Pinned, so a change of the digest's definition is a conscious one (replicas of two versions must agree).
     state = TideState()
     state.apply(0, 0, put("c1", "a", b"1"))
-    assert state.digests() == {0: (1, "c63b09288c43bedebe05b5313d9b53f18cf01f941ce79a057491b94bac8acde9")}
+    assert state.digests() == {0: (1, "c128b1a226d451d82e0456dc94caf29a7f59d6c6c253d21371c052d61641de39")}

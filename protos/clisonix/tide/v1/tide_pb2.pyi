@@ -144,11 +144,40 @@ class Command(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DigestReport(_message.Message):
+        """One replica's digest of this record's partition when its applied offset was `applied`. Every replica that
+        applied the partition up to `applied` compares it with its own digest there: equal offsets, equal digests.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        REPLICA_FIELD_NUMBER: _builtins.int
+        APPLIED_FIELD_NUMBER: _builtins.int
+        SHA256_FIELD_NUMBER: _builtins.int
+        replica: _builtins.str
+        """The reporting replica's id (CLISONIX_REPLICA_ID; host name and gRPC port by default)."""
+        applied: _builtins.int
+        sha256: _builtins.str
+        def __init__(
+            self,
+            *,
+            replica: _builtins.str = ...,
+            applied: _builtins.int = ...,
+            sha256: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "replica", b"replica", "sha256", b"sha256"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     PUT_FIELD_NUMBER: _builtins.int
     CAS_FIELD_NUMBER: _builtins.int
     DELETE_FIELD_NUMBER: _builtins.int
+    DIGEST_REPORT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Unique per client request; a client retrying a request re-sends the same id, and the first record with a
     given id in a partition is the only one applied (later ones answer that first outcome).
@@ -160,6 +189,10 @@ class Command(_message.Message):
     def cas(self) -> Global___Command.CompareAndSet: ...
     @_builtins.property
     def delete(self) -> Global___Command.Delete: ...
+    @_builtins.property
+    def digest_report(self) -> Global___Command.DigestReport:
+        """Written by replicas, not clients: changes no key (command_id unique, key empty)."""
+
     def __init__(
         self,
         *,
@@ -168,12 +201,13 @@ class Command(_message.Message):
         put: Global___Command.Put | None = ...,
         cas: Global___Command.CompareAndSet | None = ...,
         delete: Global___Command.Delete | None = ...,
+        digest_report: Global___Command.DigestReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cas", b"cas", "delete", b"delete", "op", b"op", "put", b"put"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cas", b"cas", "delete", b"delete", "digest_report", b"digest_report", "op", b"op", "put", b"put"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cas", b"cas", "command_id", b"command_id", "delete", b"delete", "key", b"key", "op", b"op", "put", b"put"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cas", b"cas", "command_id", b"command_id", "delete", b"delete", "digest_report", b"digest_report", "key", b"key", "op", b"op", "put", b"put"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "cas", "delete"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "cas", "delete", "digest_report"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -599,12 +633,22 @@ Global___ChangeBatch: _TypeAlias = ChangeBatch  # noqa: Y015
 class DigestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def at(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedOffset]:
+        """Digests at these applied offsets (at most one per partition) instead of the current ones: the replica waits
+        (bounded) until it reaches an offset ahead of it, and answers from its recent history for one behind it.
+        A partition whose digest at the offset is no longer known is left out of the answer.
+        """
+
     def __init__(
         self,
+        *,
+        at: _abc.Iterable[Global___AppliedOffset] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -620,8 +664,11 @@ class PartitionDigest(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
     sha256: _builtins.str
-    """SHA-256 over the partition's sorted entries and its applied offset, lower-case hex."""
+    """SHA-256 over the partition, its applied offset and the sum of its entries' SHA-256 fingerprints
+    (each over the entry's key, content type, value and version), lower-case hex.
+    """
     keys: _builtins.int
+    """Keys in the partition now (also when the digest is from history)."""
     @_builtins.property
     def applied(self) -> Global___AppliedOffset: ...
     def __init__(
@@ -641,20 +688,70 @@ class PartitionDigest(_message.Message):
 Global___PartitionDigest: _TypeAlias = PartitionDigest  # noqa: Y015
 
 @_typing.final
+class PeerCheck(_message.Message):
+    """What one replica found comparing its digest with another replica's report, the latest per partition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    AGREES_FIELD_NUMBER: _builtins.int
+    AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    replica: _builtins.str
+    partition: _builtins.int
+    offset: _builtins.int
+    """The applied offset both digests are at."""
+    agrees: _builtins.bool
+    age_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        replica: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        agrees: _builtins.bool = ...,
+        age_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "agrees", b"agrees", "offset", b"offset", "partition", b"partition", "replica", b"replica"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerCheck: _TypeAlias = PeerCheck  # noqa: Y015
+
+@_typing.final
 class DigestResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTITIONS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    IN_MINORITY_FIELD_NUMBER: _builtins.int
+    replica: _builtins.str
+    """This replica's id."""
+    in_minority: _builtins.bool
+    """True while this replica disagrees with at least as many replicas as agree with it: it then serves nothing
+    (health NOT_SERVING) until the replicas agree again.
+    """
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionDigest]: ...
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerCheck]:
+        """Its latest comparisons with the other replicas' reports (recent ones only)."""
+
     def __init__(
         self,
         *,
         partitions: _abc.Iterable[Global___PartitionDigest] | None = ...,
+        replica: _builtins.str = ...,
+        peers: _abc.Iterable[Global___PeerCheck] | None = ...,
+        in_minority: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_minority", b"in_minority", "partitions", b"partitions", "peers", b"peers", "replica", b"replica"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
