@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,29 +63,44 @@ def _step(op: Operation, state: Register) -> tuple[bool, Register]:
 
 
 def check_key(operations: Sequence[Operation], initial: Register = None) -> bool:
-    """True when the operations on one key have a valid linearization starting from `initial`."""
+    """True when the operations on one key have a valid linearization starting from `initial`.
+
+    A depth-first search with an explicit stack (histories of thousands of operations do not hit the recursion
+    limit) and memoised dead ends (set of operations done, register state).
+    """
     ops = sorted(operations, key=lambda o: o.invoke)
     pending = {i for i, o in enumerate(ops) if math.isinf(o.response)}
-    failed: set[tuple[frozenset[int], Register]] = set()
 
-    def search(done: frozenset[int], state: Register) -> bool:
+    def candidates(done: frozenset[int]) -> list[int] | None:
+        """The operations that may take effect next; None when only unanswered ones remain (success)."""
         remaining = [i for i in range(len(ops)) if i not in done]
         if all(i in pending for i in remaining):
-            return True
-        if (done, state) in failed:
-            return False
+            return None
         # Only an operation invoked before every remaining one has responded may come next.
         horizon = min(ops[i].response for i in remaining)
-        for i in remaining:
-            if ops[i].invoke > horizon:
-                break
-            ok, after = _step(ops[i], state)
-            if ok and search(done | {i}, after):
-                return True
-        failed.add((done, state))
-        return False
+        return [i for i in remaining if ops[i].invoke <= horizon]
 
-    return search(frozenset(), initial)
+    first = candidates(frozenset())
+    if first is None:
+        return True
+    failed: set[tuple[frozenset[int], Register]] = set()
+    stack: list[tuple[frozenset[int], Register, Iterator[int]]] = [(frozenset(), initial, iter(first))]
+    while stack:
+        done, state, options = stack[-1]
+        for i in options:
+            ok, after = _step(ops[i], state)
+            then = done | {i}
+            if not ok or (then, after) in failed:
+                continue
+            following = candidates(then)
+            if following is None:
+                return True
+            stack.append((then, after, iter(following)))
+            break
+        else:
+            failed.add((done, state))
+            stack.pop()
+    return False
 
 
 def check(operations: Sequence[Operation]) -> bool:

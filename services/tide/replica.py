@@ -32,6 +32,7 @@ from services.common.metrics import LATENCY_BUCKETS, PREFIX, ServiceMetrics
 from services.tide import snapshots
 from services.tide.agreement import Check, PeerAgreement
 from services.tide.codec import command_from_proto, command_to_proto
+from services.tide.holes import OffsetHoles
 from services.tide.settings import TideSettings
 from services.tide.state import (
     Change,
@@ -211,8 +212,7 @@ class Replica:
         # Partitions whose log provably reaches this replica's position: nothing was applied before this run, or
         # this run has read records from the log there. Only the others are checked against the highwater.
         self._log_reaches: set[int] = set()
-        # partition -> (the missing offset, monotonic time it was first found missing)
-        self._gaps: dict[int, tuple[int, float]] = {}
+        self._holes = OffsetHoles(settings.log_gap_wait_seconds)
         # Agreement with the other replicas' digest reports; set `health_changed` when in_minority flips.
         self.agreement = PeerAgreement(settings.digest_report_window_seconds)
         self.in_minority = False
@@ -282,39 +282,23 @@ class Replica:
             self._check_highwater()
 
     def _contiguous(self, tp: TopicPartition, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
-        """The records to apply now: those up to the first hole in the offsets.
-
-        The command log is written without transactions or compaction, so its offsets are contiguous, and a
-        record past the next expected offset means the fetch skipped one that is not readable yet (a broker may
-        answer a fetch while a concurrent produce request to the same partition is still being written: the
-        embedded broker reserves offsets before it stores the records). Applying past the hole would leave this
-        replica without a command every other replica applies. So the partition is read again from the hole until
-        the record shows up; a hole that stays for settings.log_gap_wait_seconds is a hole in the log itself
-        (every replica finds it), skipped with an error log.
-        """
+        """The records to apply now: those before the first hole in the offsets (services.tide.holes); the
+        partition is then read again from the hole."""
         p = tp.partition
-        expected = self.state.applied(p)
-        for index, record in enumerate(records):
-            gap = self._gaps.get(p)
-            if record.offset > expected:
-                now = time.monotonic()
-                if gap is None or gap[0] != expected:
-                    gap = self._gaps[p] = (expected, now)
-                if now - gap[1] < self.settings.log_gap_wait_seconds:
-                    self.consumer.seek(tp, expected)  # drops what was fetched past the hole
-                    return records[:index]
-                del self._gaps[p]
-                self.metrics.log_gaps_total.labels("skipped").inc()
-                log.error(
-                    "command log has a hole that did not fill: offsets skipped",
-                    extra={"fields": {"partition": p, "first": expected, "last": record.offset - 1}},
-                )
-            elif gap is not None and gap[0] == record.offset:
-                del self._gaps[p]
-                self.metrics.log_gaps_total.labels("filled").inc()
-                self.metrics.log_gap_seconds.observe(time.monotonic() - gap[1])
-            expected = record.offset + 1
-        return records
+        decision = self._holes.decide(p, self.state.applied(p), [r.offset for r in records], time.monotonic())
+        if decision.filled_after_s is not None:
+            self.metrics.log_gaps_total.labels("filled").inc()
+            self.metrics.log_gap_seconds.observe(decision.filled_after_s)
+        if decision.skipped is not None:
+            self.metrics.log_gaps_total.labels("skipped").inc()
+            first, last = decision.skipped
+            log.error(
+                "command log has a hole that did not fill: offsets skipped",
+                extra={"fields": {"partition": p, "first": first, "last": last}},
+            )
+        if decision.reread_from is not None:
+            self.consumer.seek(tp, decision.reread_from)  # drops what was fetched past the hole
+        return records[: decision.apply]
 
     def _check_highwater(self) -> None:
         for p in self.partitions:

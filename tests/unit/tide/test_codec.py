@@ -7,7 +7,7 @@ import pytest
 from clisonix.tide.v1 import tide_pb2
 from services.common.errors import InvalidArgument
 from services.tide.codec import command_from_proto, command_to_proto
-from services.tide.state import Cas, Command, Delete, Put, Version
+from services.tide.state import Cas, Command, Delete, DigestReport, Put, Version
 
 
 @pytest.mark.parametrize(
@@ -17,6 +17,7 @@ from services.tide.state import Cas, Command, Delete, Put, Version
         Command("c2", "k", Cas(b"v", "text/plain", expected=Version(2, 7))),
         Command("c3", "k", Cas(b"", expect_absent=True)),
         Command("c4", "k", Delete()),
+        Command("c5", "", DigestReport("tide-0", 42, "ab" * 32)),
     ],
 )
 def test_command_round_trip(command: Command):

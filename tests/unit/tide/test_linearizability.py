@@ -81,3 +81,24 @@ def test_keys_are_independent_registers():
     ]
     assert not check(history)
     assert check_key([h for h in history if h.key == "x"])
+
+
+def test_a_long_counter_history_is_checked_without_running_out_of_stack():
+    # 1,500 increments by two clients, one conflict each round: far deeper than Python's recursion limit.
+    ops = []
+    version = None
+    for n in range(1500):
+        t = float(n * 10)
+        new = (0, n)
+        ops.append(Operation("a", "k", "cas", t, t + 2, value=b"%d" % n, version=new, expected=version))
+        ops.append(
+            Operation(
+                "b", "k", "cas", t + 1, t + 3, value=b"x", version=(0, 10_000 + n), expected=version, applied=False
+            )
+        )
+        version = new
+    assert check(ops)
+    # The same history with one conflict reported as applied has no linearization.
+    broken = list(ops)
+    broken[3] = Operation("b", "k", "cas", 11.0, 13.0, value=b"x", version=(0, 10_001), expected=(0, 0), applied=True)
+    assert not check(broken)

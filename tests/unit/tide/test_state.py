@@ -6,7 +6,20 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.tide.state import Cas, Command, Delete, Limits, Outcome, Put, TideState, Version
+from services.tide.state import (
+    Cas,
+    Command,
+    Delete,
+    DigestReport,
+    Limits,
+    Outcome,
+    PartitionState,
+    Put,
+    TideState,
+    Version,
+    digest_of,
+    fingerprint,
+)
 from tests.unit.tide.helpers import random_log
 
 
@@ -160,3 +173,55 @@ def test_digest_is_a_fixed_value_for_a_fixed_log():
     state = TideState()
     state.apply(0, 0, put("c1", "a", b"1"))
     assert state.digests() == {0: (1, "c128b1a226d451d82e0456dc94caf29a7f59d6c6c253d21371c052d61641de39")}
+
+
+def test_the_incremental_digest_equals_one_computed_from_the_entries_alone():
+    state = TideState()
+    for p, offset, command in random_log(seed=11):
+        state.apply(p, offset, command)
+    for p, partition in state.partitions.items():
+        total = sum(fingerprint(e) for e in partition.entries.values()) % (1 << 256)
+        assert partition.entries_sum == total
+        assert partition.digest() == digest_of(p, partition.applied, total)
+        # The same entries stored in another order give the same digest.
+        rebuilt = PartitionState(p, applied=partition.applied)
+        for key in sorted(partition.entries, reverse=True):
+            entry = partition.entries[key]
+            rebuilt.store(type(entry)(entry.key, entry.value, entry.content_type, entry.version))
+        assert rebuilt.digest() == partition.digest()
+
+
+def test_digests_at_recent_offsets_are_remembered_and_older_ones_forgotten():
+    state = TideState(digest_history=3)
+    seen = {}
+    for offset in range(6):
+        state.apply(0, offset, put(f"c{offset}", "a", str(offset).encode()))
+        seen[offset + 1] = state.digests()[0][1]
+    partition = state.partition(0)
+    assert [partition.digest_at(a) for a in (4, 5, 6)] == [seen[4], seen[5], seen[6]]
+    assert partition.digest_at(3) is None and partition.digest_at(7) is None
+
+
+def test_a_digest_report_changes_no_key_and_is_not_remembered_as_a_retry():
+    state = TideState()
+    state.apply(0, 0, put("c1", "a", b"1"))
+    before = state.digests()[0][1]
+    report = Command("r1", "", DigestReport("replica-1", 1, before))
+    result = state.apply(0, 1, report)
+    assert result.outcome is Outcome.APPLIED and result.key_version is None
+    assert state.applied(0) == 2 and [e.key for e in state.list()] == ["a"]
+    assert "r1" not in state.partition(0).seen
+    assert state.partition(0).digest_at(1) == before
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        Command("", "", DigestReport("r", 1, "0" * 64)),
+        Command("c", "", DigestReport("", 1, "0" * 64)),
+        Command("c", "", DigestReport("r", 1, "short")),
+    ],
+)
+def test_malformed_digest_reports_are_invalid(report):
+    with pytest.raises(InvalidArgument):
+        TideState().apply(0, 0, report)
