@@ -355,6 +355,44 @@ def cmd_tide_reseed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tide_check(args: argparse.Namespace) -> int:
+    """Compares the Tide replicas' digests at equal offsets; 0 when they agree, 1 when not, 2 when incomplete."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from services.tide.admin import check_replicas
+    from services.tide.client import targets_from_env
+
+    console = Console(highlight=False)
+    targets, token = targets_from_env()
+    if args.targets:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    report = asyncio.run(check_replicas(targets, token, timeout_s=args.timeout))
+    table = Table(title="Tide replicas: digests at equal offsets")
+    table.add_column("replica")
+    for partition, offset in sorted(report.offsets.items()):
+        table.add_column(f"partition {partition} @ {offset}")
+    table.add_column("its peers that disagree")
+    for replica in report.replicas:
+        name = f"{replica.replica or '?'} ({replica.target})"
+        if replica.digests is None:
+            table.add_row(name, *["-" for _ in report.offsets], replica.error or "")
+            continue
+        cells = [replica.digests.get(p, "forgotten")[:12] for p in sorted(report.offsets)]
+        view = ", ".join(replica.peers_disagreeing) or "none"
+        table.add_row(name, *cells, view + (" (in the minority: NOT_SERVING)" if replica.in_minority else ""))
+    console.print(table)
+    if report.agree:
+        console.print(f"{len(report.replicas)} replicas agree on every partition at equal offsets")
+        return 0
+    if report.disagreeing or any(r.in_minority for r in report.replicas):
+        where = ", ".join(str(p) for p in report.disagreeing) or "none at these offsets"
+        console.print(f"[bold red]replicas DISAGREE[/bold red]: partitions {where}")
+        return 1
+    console.print("[yellow]not every replica could be compared[/yellow] (see the table); run again")
+    return 2
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     """Runs a step of the model pipeline (services.inference.pipeline)."""
     from services.inference.pipeline import main as model_main
@@ -548,6 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     reseed.add_argument("--snapshot", required=True, type=Path, help="the replica's snapshot file")
     reseed.add_argument("--force", action="store_true", help="re-seed even if the log is not behind")
     reseed.set_defaults(func=cmd_tide_reseed)
+
+    tide_check = sub.add_parser(
+        "tide-check",
+        help="compare the Tide replicas' digests at equal offsets",
+        description="Asks every replica for its digest of every partition at the furthest offset any replica "
+        "applied (each waits to reach it, or answers from its recent history), and shows what each replica found "
+        "comparing the other replicas' digest reports with its own. Exit code 0: the replicas agree; 1: they "
+        "disagree; 2: a replica could not be compared. Replicas: --targets, else CLISONIX_TIDE_TARGETS, else the "
+        "local default; token: CLISONIX_TIDE_TOKEN.",
+    )
+    tide_check.add_argument("--targets", help="comma-separated host:port of every replica")
+    tide_check.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    tide_check.set_defaults(func=cmd_tide_check)
 
     for name in SERVICES:
         service = sub.add_parser(

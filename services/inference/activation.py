@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTIVE_PREFIX = "models/active/"
-DEFAULT_TIDE_TARGET = "127.0.0.1:50054"
 # How often the follower looks at the cached record even without a change (a cache reload reports none).
 RECHECK_S = 1.0
 START_TIMEOUT_S = 5.0
@@ -260,21 +259,13 @@ async def activate(
         return await set_active_model(client, task, model, version)
 
 
-def tide_from_env() -> tuple[list[str], str | None]:
-    """The replicas (CLISONIX_TIDE_TARGETS, else the default local one) and token (CLISONIX_TIDE_TOKEN)."""
-    from services.common.settings import ServiceSettings
-
-    settings = ServiceSettings()
-    targets = [t.strip() for t in settings.tide_targets.split(",") if t.strip()] or [DEFAULT_TIDE_TARGET]
-    token = settings.tide_token.get_secret_value() if settings.tide_token is not None else None
-    return targets, token
-
-
 def activate_command(task: str, model: str, version: str, tide: str | None, repository: str | None) -> int:
     """`clisonix model activate`: prints the Tide version the record was written at; 2 on a refusal."""
     import sys
 
-    targets, token = tide_from_env()
+    from services.tide.client import targets_from_env
+
+    targets, token = targets_from_env()
     if tide:
         targets = [t.strip() for t in tide.split(",") if t.strip()]
     try:

@@ -131,3 +131,97 @@ async def reseed(
                 progress(done, len(entries))
     log.info("log re-seeded from a snapshot", extra={"fields": {"keys": len(entries), "topic": settings.topic_log}})
     return ReseedReport(len(entries), applied, reached, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class ReplicaDigests:
+    """One replica's answer to tide-check: its digests at the compared offsets, and its own view of its peers.
+
+    digests: partition -> SHA-256 at the compared offset (a partition whose digest there the replica no longer
+    remembers is missing). error: why the replica could not be compared (unreachable, too far behind).
+    """
+
+    target: str
+    replica: str = ""
+    digests: dict[int, str] | None = None
+    peers_disagreeing: tuple[str, ...] = ()
+    in_minority: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """offsets: partition -> the applied offset every replica's digest was taken at. disagreeing: partitions whose
+    replicas gave more than one digest there."""
+
+    offsets: dict[int, int]
+    replicas: list[ReplicaDigests]
+    disagreeing: list[int]
+
+    @property
+    def complete(self) -> bool:
+        """Every replica answered with a digest for every partition."""
+        return all(
+            r.error is None and r.digests is not None and set(r.digests) >= set(self.offsets) for r in self.replicas
+        )
+
+    @property
+    def agree(self) -> bool:
+        return self.complete and not self.disagreeing and not any(r.in_minority for r in self.replicas)
+
+
+async def check_replicas(targets: list[str], token: str | None = None, timeout_s: float = 10.0) -> CheckReport:
+    """Compares the replicas' digests at equal offsets: per partition, the furthest offset any replica applied;
+    every replica answers its digest there (waiting to reach it, or from its recent history)."""
+    import grpc
+
+    from clisonix.tide.v1 import tide_pb2, tide_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    channels = [grpc.aio.insecure_channel(t) for t in targets]
+    stubs = [tide_pb2_grpc.TideServiceStub(c) for c in channels]
+    errors: dict[str, str] = {}
+
+    async def digest(index: int, request: tide_pb2.DigestRequest) -> tide_pb2.DigestResponse | None:
+        try:
+            return await stubs[index].Digest(request, metadata=metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            errors[targets[index]] = f"{exc.code().name}: {exc.details()}"
+            return None
+
+    try:
+        now = await asyncio.gather(*(digest(i, tide_pb2.DigestRequest()) for i in range(len(targets))))
+        offsets: dict[int, int] = {}
+        for answer in now:
+            for d in answer.partitions if answer is not None else ():
+                offsets[d.partition] = max(offsets.get(d.partition, 0), d.applied.offset)
+        at = [tide_pb2.AppliedOffset(partition=p, offset=o) for p, o in sorted(offsets.items())]
+        answers = await asyncio.gather(
+            *(digest(i, tide_pb2.DigestRequest(at=at)) for i in range(len(targets)) if now[i] is not None)
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+    reached = iter(answers)
+    replicas = []
+    for target, first in zip(targets, now, strict=True):
+        answer = next(reached) if first is not None else None
+        if answer is None:
+            replicas.append(ReplicaDigests(target, error=errors.get(target, "no answer")))
+            continue
+        disagreeing = tuple(sorted({c.replica for c in answer.peers if not c.agrees}))
+        replicas.append(
+            ReplicaDigests(
+                target,
+                answer.replica,
+                {d.partition: d.sha256 for d in answer.partitions},
+                disagreeing,
+                answer.in_minority,
+            )
+        )
+    disagreeing_partitions = [
+        p
+        for p in sorted(offsets)
+        if len({r.digests[p] for r in replicas if r.digests is not None and p in r.digests}) > 1
+    ]
+    return CheckReport(offsets, replicas, disagreeing_partitions)

@@ -6,7 +6,9 @@ digests) and keeps the latest result per (peer, partition). A replica is *in the
 disagree with it are at least as many as itself plus the peers that agree: with three replicas, the one that
 applied the log differently finds two disagreeing peers and stops serving, the two others find one disagreeing
 and one agreeing peer and go on, loudly. With two replicas neither can tell which one is right, so both stop.
-Results older than `window_s` no longer count (a replica that left the deployment stops counting).
+Results do not age: a replica in the minority stays out until newer reports agree with it (an idle log must not
+bring a wrong state back into service). A replica that left the deployment keeps its last result until this
+replica restarts.
 
 Pure logic: no I/O, times passed in.
 """
@@ -40,8 +42,7 @@ class Verdict:
 class PeerAgreement:
     """The latest check per (peer, partition) and the verdict they give."""
 
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
+    def __init__(self) -> None:
         self._latest: dict[tuple[str, int], Check] = {}
 
     def record(self, check: Check) -> None:
@@ -51,15 +52,14 @@ class PeerAgreement:
         if known is None or check.offset >= known.offset:
             self._latest[key] = check
 
-    def checks(self, now: float) -> list[Check]:
-        """The checks that still count at `now`, by peer and partition."""
-        fresh = [c for c in self._latest.values() if now - c.at <= self.window_s]
-        return sorted(fresh, key=lambda c: (c.peer, c.partition))
+    def checks(self) -> list[Check]:
+        """The latest check per peer and partition, by peer and partition."""
+        return sorted(self._latest.values(), key=lambda c: (c.peer, c.partition))
 
-    def verdict(self, now: float) -> Verdict:
-        """A peer disagrees when any of its counted partitions does, and agrees when all of them do."""
+    def verdict(self) -> Verdict:
+        """A peer disagrees when any of its partitions does, and agrees when all of them do."""
         by_peer: dict[str, bool] = {}
-        for check in self.checks(now):
+        for check in self.checks():
             by_peer[check.peer] = by_peer.get(check.peer, True) and check.agrees
         return Verdict(
             agreeing=tuple(sorted(p for p, ok in by_peer.items() if ok)),

@@ -158,7 +158,7 @@ class TideServicer(tide_pb2_grpc.TideServiceServicer):
             tide_pb2.PeerCheck(
                 replica=c.peer, partition=c.partition, offset=c.offset, agrees=c.agrees, age_seconds=now - c.at
             )
-            for c in replica.agreement.checks(now)
+            for c in replica.agreement.checks()
         ]
         return tide_pb2.DigestResponse(
             partitions=partitions, replica=replica.replica_id, peers=peers, in_minority=replica.in_minority

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+# The one replica `clisonix up` starts (ARCHITECTURE.md default ports).
+DEFAULT_TARGET = "127.0.0.1:50054"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # A prefix no key is expected to have: List with it answers only the replica's applied offsets.
 _PROBE_PREFIX = "\x00tide-client-probe\x00"
@@ -476,6 +478,15 @@ def client_from_settings(settings: ServiceSettings, **options: Any) -> TideClien
         return None
     token = settings.tide_token.get_secret_value() if settings.tide_token is not None else None
     return TideClient(targets, token=token, **options)
+
+
+def targets_from_env() -> tuple[list[str], str | None]:
+    """For command-line tools: the replicas (CLISONIX_TIDE_TARGETS, else the default local one) and the token
+    (CLISONIX_TIDE_TOKEN)."""
+    settings = ServiceSettings()
+    targets = [t.strip() for t in settings.tide_targets.split(",") if t.strip()] or [DEFAULT_TARGET]
+    token = settings.tide_token.get_secret_value() if settings.tide_token is not None else None
+    return targets, token
 
 
 # -- typed helpers --------------------------------------------------------------------------------------------

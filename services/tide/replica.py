@@ -214,7 +214,7 @@ class Replica:
         self._log_reaches: set[int] = set()
         self._holes = OffsetHoles(settings.log_gap_wait_seconds)
         # Agreement with the other replicas' digest reports; set `health_changed` when in_minority flips.
-        self.agreement = PeerAgreement(settings.digest_report_window_seconds)
+        self.agreement = PeerAgreement()
         self.in_minority = False
         self.health_changed = asyncio.Event()
         # partition -> commands (not digest reports) applied since this replica last reported its digest there
@@ -330,6 +330,7 @@ class Replica:
             result = self.state.apply(p, offset, command)
         except (UndecodableEvent, ClisonixError) as exc:
             self.state.skip(p, offset)
+            self._unreported[p] = self._unreported.get(p, 0) + 1  # a skip changes the state's offset too
             log.warning("command skipped", extra={"fields": {"partition": p, "offset": offset, "error": str(exc)}})
             return "invalid"
         if isinstance(command.op, DigestReport):
@@ -377,7 +378,7 @@ class Replica:
 
     def evaluate_agreement(self) -> None:
         """Updates the agreement gauges and in_minority (logged, and signalled through health_changed)."""
-        verdict = self.agreement.verdict(time.monotonic())
+        verdict = self.agreement.verdict()
         self.metrics.peers_disagreeing.set(len(verdict.disagreeing))
         if verdict.in_minority == self.in_minority:
             return
@@ -527,7 +528,7 @@ class Replica:
     def save_snapshot(self) -> None:
         """Writes the snapshot now, if the settings name a file and the state is trustworthy."""
         path = self.settings.snapshot_path
-        if path is None or self.diverged is not None:
+        if path is None or self.diverged is not None or self.in_minority:
             return
         snapshots.save(self.state, path, self.settings.topic_log)
         self._snapshot_written(path)
@@ -536,7 +537,7 @@ class Replica:
         """Like save_snapshot, but only the copy of the state runs on the event loop; the file is written in a
         worker thread, so requests keep being served meanwhile."""
         path = self.settings.snapshot_path
-        if path is None or self.diverged is not None:
+        if path is None or self.diverged is not None or self.in_minority:  # never persist a state others dispute
             return
         rows = snapshots.capture(self.state)
         await asyncio.to_thread(snapshots.write, rows, path, self.settings.topic_log)
@@ -575,15 +576,14 @@ class Replica:
         return len(results) - len(failed)
 
     async def run_periodic(self, stop: asyncio.Event) -> None:
-        """Refreshes the digest gauges, reports this replica's digests, re-evaluates its agreement with the other
-        replicas and rewrites the snapshot, each at its interval, until `stop` is set."""
+        """Refreshes the digest gauges, reports this replica's digests and rewrites the snapshot, each at its
+        interval, until `stop` is set."""
         last_snapshot = last_report = time.monotonic()
         interval = min(self.settings.metrics_interval_seconds, self.settings.digest_report_interval_seconds)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
             self.refresh_metrics()
-            self.evaluate_agreement()  # checks age out of the window
             if time.monotonic() - last_report >= self.settings.digest_report_interval_seconds:
                 last_report = time.monotonic()
                 try:

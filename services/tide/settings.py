@@ -47,9 +47,8 @@ class TideSettings(ServiceSettings):
     # This replica's name in the digest reports it appends (empty: host name and gRPC port). Unique per replica.
     replica_id: str = ""
     # How often a replica appends its digest at its applied offset to each partition it applied commands on
-    # (others compare it with theirs), and how long another replica's latest report counts.
+    # (the others compare it with theirs).
     digest_report_interval_seconds: float = Field(default=1.0, gt=0)
-    digest_report_window_seconds: float = Field(default=60.0, gt=0)
     # Applied offsets per partition whose digest each replica remembers, to compare with reports that arrive later.
     digest_history: int = Field(default=state.DEFAULT_DIGEST_HISTORY, gt=0)
     # How often the digest and applied-offset gauges are refreshed.

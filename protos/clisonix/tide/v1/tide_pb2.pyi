@@ -739,7 +739,7 @@ class DigestResponse(_message.Message):
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionDigest]: ...
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerCheck]:
-        """Its latest comparisons with the other replicas' reports (recent ones only)."""
+        """Its latest comparison with each other replica's reports, per partition."""
 
     def __init__(
         self,
