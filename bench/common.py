@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,24 @@ async def delete_topics(settings: Any, names: Sequence[str]) -> bool:
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def bootstrap_or_embedded(bootstrap_servers: str | None, console: Any) -> AsyncIterator[str]:
+    """Yields `bootstrap_servers`, or, when None, those of an embedded broker started on a free loopback port
+    for the benchmark and stopped after it."""
+    from services.common.broker import EmbeddedBroker
+
+    if bootstrap_servers is not None:
+        yield bootstrap_servers
+        return
+    broker = await asyncio.to_thread(EmbeddedBroker(port=0).start)
+    console.print(f"embedded broker on {broker.bootstrap_servers}")
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(broker.stop)
 
 
 class ProcessCpu:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import re
@@ -42,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import delete_topics, run_and_report
+from bench.common import bootstrap_or_embedded, delete_topics, run_and_report
 from services.common.broker import free_port
 
 REPLICAS = 3
@@ -398,16 +397,8 @@ def describe(index: int, runs: int, result: RunResult) -> str:
 
 
 async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
-    from services.common.broker import EmbeddedBroker
-
-    broker = None
-    bootstrap = args.bootstrap_servers
-    if bootstrap is None:
-        broker = await asyncio.to_thread(EmbeddedBroker(port=0).start)
-        bootstrap = broker.bootstrap_servers
-        console.print(f"embedded broker on {bootstrap}")
     results: list[RunResult] = []
-    try:
+    async with bootstrap_or_embedded(args.bootstrap_servers, console) as bootstrap:
         for index in range(args.runs):
             config = ScenarioConfig(
                 clients=args.clients,
@@ -425,10 +416,6 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
                     await asyncio.to_thread(shutil.copytree, tmp, target, ignore=shutil.ignore_patterns("*.snapshot"))
             results.append(result)
             console.print(describe(index, args.runs, result), markup=False)
-    finally:
-        if broker is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(broker.stop)
     passed = sum(r.passed for r in results)
     holes = sum(r.holes.get("filled", 0.0) for r in results)
     console.print(
