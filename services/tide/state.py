@@ -110,21 +110,33 @@ class Entry:
     fingerprint: int = 0
 
 
+_LENGTH = struct.Struct(">Q")
+_VERSION = struct.Struct(">iq")
+
+
 def fingerprint(entry: Entry) -> int:
     """SHA-256 over the entry's length-prefixed key, content type and value and its version, as an integer."""
-    h = hashlib.sha256()
-    for part in (entry.key.encode("utf-8"), entry.content_type.encode("utf-8"), entry.value):
-        h.update(struct.pack(">Q", len(part)))
-        h.update(part)
-    h.update(struct.pack(">iq", entry.version.partition, entry.version.offset))
-    return int.from_bytes(h.digest(), "big")
+    key, content_type, value = entry.key.encode("utf-8"), entry.content_type.encode("utf-8"), entry.value
+    data = b"".join(
+        (
+            _LENGTH.pack(len(key)),
+            key,
+            _LENGTH.pack(len(content_type)),
+            content_type,
+            _LENGTH.pack(len(value)),
+            value,
+            _VERSION.pack(entry.version.partition, entry.version.offset),
+        )
+    )
+    return int.from_bytes(hashlib.sha256(data).digest(), "big")
 
 
 def digest_of(partition: int, applied: int, entries_sum: int) -> str:
-    """The digest (SHA-256, hex) of a partition whose entries' fingerprints sum to `entries_sum` at `applied`."""
+    """The digest (SHA-256, hex) of a partition whose entries' fingerprints sum to `entries_sum` (mod 2^256) at
+    `applied`."""
     h = hashlib.sha256(DIGEST_DOMAIN)
-    h.update(struct.pack(">iq", partition, applied))
-    h.update(entries_sum.to_bytes(32, "big"))
+    h.update(_VERSION.pack(partition, applied))
+    h.update((entries_sum % _FINGERPRINT_MODULUS).to_bytes(32, "big"))
     return h.hexdigest()
 
 
@@ -206,14 +218,13 @@ class PartitionState:
         """Sets `entry` (replacing any entry of its key) and keeps the fingerprint sum."""
         entry.fingerprint = fingerprint(entry)
         previous = self.entries.get(entry.key)
-        total = self.entries_sum + entry.fingerprint - (previous.fingerprint if previous is not None else 0)
-        self.entries_sum = total % _FINGERPRINT_MODULUS
+        # Reduced mod 2^256 only in digest_of: the exact sum grows by a bit per doubling of the commands applied.
+        self.entries_sum += entry.fingerprint - (previous.fingerprint if previous is not None else 0)
         self.entries[entry.key] = entry
 
     def remove(self, key: str) -> None:
         """Removes the entry of `key` (which exists) and keeps the fingerprint sum."""
-        entry = self.entries.pop(key)
-        self.entries_sum = (self.entries_sum - entry.fingerprint) % _FINGERPRINT_MODULUS
+        self.entries_sum -= self.entries.pop(key).fingerprint
 
     def advance(self, offset: int) -> None:
         """Marks the record at `offset` applied and remembers the fingerprint sum there."""
