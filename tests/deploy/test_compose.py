@@ -78,6 +78,8 @@ def test_services_wait_for_the_topics_and_the_topics_for_a_healthy_kafka(compose
 
 def test_three_tide_replicas_each_with_its_own_snapshot_volume(compose):
     replicas = [compose["services"][f"tide-{i}"] for i in range(3)]
+    # Stable, distinct names: the replicas tell one another's digest reports apart by them.
+    assert [r.get("hostname") for r in replicas] == ["tide-0", "tide-1", "tide-2"]
     volumes = [r["volumes"][0].split(":") for r in replicas]
     assert len({v[0] for v in volumes}) == 3 and {v[1] for v in volumes} == {"/var/lib/clisonix/tide"}
     assert all(env_of(r)["CLISONIX_SNAPSHOT_PATH"].startswith("/var/lib/clisonix/tide/") for r in replicas)
