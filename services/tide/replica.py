@@ -32,7 +32,7 @@ from services.common.metrics import LATENCY_BUCKETS, PREFIX, ServiceMetrics
 from services.tide import snapshots
 from services.tide.agreement import Check, PeerAgreement
 from services.tide.codec import command_from_proto, command_to_proto
-from services.tide.holes import OffsetHoles
+from services.tide.gaps import OffsetGaps
 from services.tide.settings import TideSettings
 from services.tide.state import (
     Change,
@@ -212,7 +212,7 @@ class Replica:
         # Partitions whose log provably reaches this replica's position: nothing was applied before this run, or
         # this run has read records from the log there. Only the others are checked against the highwater.
         self._log_reaches: set[int] = set()
-        self._holes = OffsetHoles(settings.log_gap_wait_seconds)
+        self._gaps = OffsetGaps(settings.log_gap_wait_seconds)
         # Agreement with the other replicas' digest reports; set `health_changed` when in_minority flips.
         self.agreement = PeerAgreement()
         self.in_minority = False
@@ -282,10 +282,10 @@ class Replica:
             self._check_highwater()
 
     def _contiguous(self, tp: TopicPartition, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
-        """The records to apply now: those before the first hole in the offsets (services.tide.holes); the
+        """The records to apply now: those before the first hole in the offsets (services.tide.gaps); the
         partition is then read again from the hole."""
         p = tp.partition
-        decision = self._holes.decide(p, self.state.applied(p), [r.offset for r in records], time.monotonic())
+        decision = self._gaps.decide(p, self.state.applied(p), [r.offset for r in records], time.monotonic())
         if decision.filled_after_s is not None:
             self.metrics.log_gaps_total.labels("filled").inc()
             self.metrics.log_gap_seconds.observe(decision.filled_after_s)

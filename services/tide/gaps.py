@@ -1,4 +1,4 @@
-"""Holes in a partition's offsets while reading the command log: wait for the missing record, never apply past it.
+"""Gaps (holes) in a partition's offsets while reading the command log: wait for the missing record, never apply past it.
 
 The command log is written without transactions or compaction, so its offsets are contiguous. A fetched record
 past the next expected offset means the fetch skipped one that is not readable yet: a broker may answer a fetch
@@ -32,7 +32,7 @@ class Decision:
     filled_after_s: float | None = None
 
 
-class OffsetHoles:
+class OffsetGaps:
     """The open hole per partition: (missing offset, when it was first found missing)."""
 
     def __init__(self, wait_s: float) -> None:
