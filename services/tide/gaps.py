@@ -1,4 +1,5 @@
-"""Gaps (holes) in a partition's offsets while reading the command log: wait for the missing record, never apply past it.
+"""Gaps (holes) in a partition's offsets while reading the command log: wait for the missing record, never
+apply past it.
 
 The command log is written without transactions or compaction, so its offsets are contiguous. A fetched record
 past the next expected offset means the fetch skipped one that is not readable yet: a broker may answer a fetch
