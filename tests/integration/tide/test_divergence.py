@@ -65,6 +65,7 @@ async def test_a_replica_that_applied_the_log_differently_stops_serving_and_the_
     assert big.outcome == tide_pb2.OUTCOME_APPLIED
     await wait_for(lambda: odd_service.replica.in_minority, timeout_s=15)
     detected_s = time.monotonic() - written
+    print(f"odd replica in the minority {detected_s:.2f} s after the write it applied differently")
     assert detected_s < 10, f"found after {detected_s:.1f} s"
 
     await wait_health(odd_service, health_pb2.HealthCheckResponse.NOT_SERVING)
