@@ -121,3 +121,13 @@ async def test_tide_check_says_the_replicas_agree_and_names_one_it_cannot_reach(
     report = await check_replicas([*targets, f"127.0.0.1:{closed}"], timeout_s=2)
     assert not report.agree and not report.disagreeing
     assert report.replicas[-1].error is not None and "UNAVAILABLE" in report.replicas[-1].error
+
+
+async def test_clients_cannot_write_digest_reports(tide_replica) -> None:
+    _, stub = await tide_replica()
+    forged = tide_pb2.Command(command_id="c1")
+    forged.digest_report.replica, forged.digest_report.applied, forged.digest_report.sha256 = "me", 0, "0" * 64
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.BatchWrite(tide_pb2.BatchWriteRequest(commands=[forged]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "written by replicas" in (refused.value.details() or "")
