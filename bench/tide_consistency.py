@@ -81,7 +81,7 @@ class RunResult:
     linearizable: bool
     killed_replica: int | None = None
     restarted_from_snapshot: bool | None = None
-    holes: dict[str, float] = field(default_factory=dict)
+    gaps: dict[str, float] = field(default_factory=dict)
     digest_checks: dict[str, float] = field(default_factory=dict)
 
 
@@ -319,11 +319,11 @@ async def run_once(bootstrap: str, config: ScenarioConfig, folder: Path) -> RunR
         statuses = await health_statuses([p.target for p in replicas])
         if any(s != "SERVING" for s in statuses):
             problems.append(f"replica health {statuses}")
-        holes: dict[str, float] = {}
+        gaps: dict[str, float] = {}
         checks: dict[str, float] = {}
         for process in replicas:
             for result, count in scrape_counter(process.metrics_port, "clisonix_tide_log_gaps_total").items():
-                holes[result] = holes.get(result, 0.0) + count
+                gaps[result] = gaps.get(result, 0.0) + count
             for result, count in scrape_counter(process.metrics_port, "clisonix_tide_digest_checks_total").items():
                 checks[result] = checks.get(result, 0.0) + count
         if checks.get("disagree"):
@@ -348,7 +348,7 @@ async def run_once(bootstrap: str, config: ScenarioConfig, folder: Path) -> RunR
             linearizable=linearizable,
             killed_replica=None if killed is None else killed[0],
             restarted_from_snapshot=restarted,
-            holes=holes,
+            gaps=gaps,
             digest_checks=checks,
         )
     finally:
@@ -383,12 +383,12 @@ def describe(index: int, runs: int, result: RunResult) -> str:
     kill = ""
     if result.killed_replica is not None:
         kill = f"; replica {result.killed_replica} killed and restarted"
-    holes = ", ".join(f"{int(v)} {k}" for k, v in sorted(result.holes.items())) or "none"
+    gaps = ", ".join(f"{int(v)} {k}" for k, v in sorted(result.gaps.items())) or "none"
     checks = ", ".join(f"{int(v)} {k}" for k, v in sorted(result.digest_checks.items())) or "none"
     line = (
         f"run {index + 1}/{runs}: {verdict} {result.cas_calls:,} compare-and-sets "
         f"({result.conflicts:,} conflicts, {result.resent_calls} re-sent) in {result.seconds:.1f} s; "
-        f"counters {sorted(result.acknowledged.values())}; holes in the offsets: {holes}; "
+        f"counters {sorted(result.acknowledged.values())}; gaps in the offsets: {gaps}; "
         f"digest checks between replicas: {checks}{kill}"
     )
     for problem in result.problems:
@@ -417,11 +417,11 @@ async def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
             results.append(result)
             console.print(describe(index, args.runs, result), markup=False)
     passed = sum(r.passed for r in results)
-    holes = sum(r.holes.get("filled", 0.0) for r in results)
+    gaps = sum(r.gaps.get("filled", 0.0) for r in results)
     console.print(
         f"passed {passed}/{len(results)} runs"
         + (" with a replica killed and restarted in each" if args.kill else " without faults")
-        + f"; holes in the offsets read again until filled: {int(holes)}"
+        + f"; gaps in the offsets read again until filled: {int(gaps)}"
     )
     summary: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -1,6 +1,6 @@
 """The concurrent compare-and-set counter scenario (bench/tide_consistency.py), bounded: three replica processes,
 sixteen clients, six counters; exact counts on every replica, equal digests at equal offsets, no digest report that
-disagrees, a linearizable history. Before replicas waited for holes in the offsets, about one full-size run in
+disagrees, a linearizable history. Before replicas waited for gaps in the offsets, about one full-size run in
 four left a replica with other counts (clisonix bench tide-consistency --runs 50 is the full check)."""
 
 from __future__ import annotations
