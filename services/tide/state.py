@@ -27,7 +27,7 @@ import hashlib
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 
@@ -110,25 +110,27 @@ class Entry:
     fingerprint: int = 0
 
 
-_LENGTH = struct.Struct(">Q")
+# An entry's fingerprint input starts with the lengths of its key, content type and value and its version.
+_FINGERPRINT_HEADER = struct.Struct(">QQQiq")
 _VERSION = struct.Struct(">iq")
 
 
 def fingerprint(entry: Entry) -> int:
-    """SHA-256 over the entry's length-prefixed key, content type and value and its version, as an integer."""
-    key, content_type, value = entry.key.encode("utf-8"), entry.content_type.encode("utf-8"), entry.value
-    data = b"".join(
-        (
-            _LENGTH.pack(len(key)),
-            key,
-            _LENGTH.pack(len(content_type)),
-            content_type,
-            _LENGTH.pack(len(value)),
-            value,
-            _VERSION.pack(entry.version.partition, entry.version.offset),
-        )
+    """SHA-256 over the lengths of the entry's key, content type and value, its version, then the three themselves,
+    as an integer. On the apply path: one struct pack and three updates (a third of the cost of one per field)."""
+    key, content_type, value, version = (
+        entry.key.encode("utf-8"),
+        entry.content_type.encode("utf-8"),
+        entry.value,
+        entry.version,
     )
-    return int.from_bytes(hashlib.sha256(data).digest(), "big")
+    h = hashlib.sha256(
+        _FINGERPRINT_HEADER.pack(len(key), len(content_type), len(value), version.partition, version.offset)
+    )
+    h.update(key)
+    h.update(content_type)
+    h.update(value)
+    return int.from_bytes(h.digest(), "big")
 
 
 def digest_of(partition: int, applied: int, entries_sum: int) -> str:
@@ -307,7 +309,7 @@ class TideState:
         state = self._advance(partition, offset)
         check_command(command, self.limits)
         version = Version(partition, offset)
-        if isinstance(command.op, DigestReport):  # read by the replica; not a write, so no retry to remember
+        if type(command.op) is DigestReport:  # read by the replica; not a write, so no retry to remember
             state.advance(offset)
             return Result(Outcome.APPLIED, version, None)
         previous = state.seen.get(command.command_id)
@@ -335,9 +337,12 @@ class TideState:
             holds = current is None if op.expect_absent else current is not None and current.version == op.expected
             if not holds:
                 return Result(Outcome.CAS_CONFLICT, version, current.version if current else None)
-        assert not isinstance(op, DigestReport)
-        entry = Entry(key, op.value, op.content_type, version)
-        state.store(entry)
+        put = cast(Put | Cas, op)  # apply answered digest reports before
+        entry = Entry(key, put.value, put.content_type, version)
+        entry.fingerprint = fingerprint(entry)
+        # PartitionState.store, inlined: this is the apply path.
+        state.entries_sum += entry.fingerprint - (current.fingerprint if current is not None else 0)
+        state.entries[key] = entry
         self._record(state, Change(key, False, entry.value, entry.content_type, version))
         return Result(Outcome.APPLIED, version, version)
 
